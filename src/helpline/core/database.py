@@ -1,0 +1,164 @@
+"""Async SQLAlchemy engine, sessions and the unit of work.
+
+One request is one unit of work: the `DbSession` dependency commits before the response is sent
+(declared with `scope="function"`, because FastAPI runs the code after a dependency's `yield`
+only once the response is out otherwise) and rolls back on error. Work that must happen only
+once the data is durable (enqueueing a job, publishing an event) registers an after-commit hook
+with `on_commit(session, callback)`; hooks are dropped on rollback.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import structlog
+from fastapi import Depends, Request
+from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from helpline.core.config import Settings
+from helpline.core.errors import ServiceUnavailable
+
+log = structlog.get_logger(__name__)
+
+AfterCommitHook = Callable[[], Awaitable[None]]
+_HOOKS_KEY = "after_commit_hooks"
+
+
+class DatabaseUnavailable(ServiceUnavailable):
+    message = "The database is unreachable; try again shortly"
+
+
+def create_engine(settings: Settings) -> AsyncEngine:
+    """The engine for `DATABASE_URL`: SQLite (WAL, foreign keys on) or pooled PostgreSQL."""
+    url = settings.database_url
+    kwargs: dict[str, Any] = {"echo": settings.database_echo}
+    if settings.is_sqlite:
+        kwargs["connect_args"] = {"timeout": 30}
+    else:
+        kwargs.update(
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_max_overflow,
+            pool_timeout=settings.database_pool_timeout_s,
+            pool_pre_ping=True,
+            connect_args={"timeout": settings.database_pool_timeout_s},
+        )
+    engine = create_async_engine(url, **kwargs)
+    if settings.is_sqlite:
+        _configure_sqlite(engine)
+    return engine
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+        # pysqlite's own transaction handling defers BEGIN; emit it ourselves (below) so that
+        # SAVEPOINTs and write locks behave as on PostgreSQL.
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN")
+
+
+def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+def on_commit(session: AsyncSession, hook: AfterCommitHook) -> None:
+    """Run `hook` once the session's transaction has committed (never if it rolls back)."""
+    session.info.setdefault(_HOOKS_KEY, []).append(hook)
+
+
+async def commit(session: AsyncSession) -> None:
+    """Commit, then run the after-commit hooks (a failing hook is logged, not raised)."""
+    await session.commit()
+    hooks: list[AfterCommitHook] = session.info.pop(_HOOKS_KEY, [])
+    for hook in hooks:
+        try:
+            await hook()
+        except Exception:
+            log.exception("db.after_commit_hook_failed", hook=getattr(hook, "__name__", "?"))
+
+
+async def rollback(session: AsyncSession) -> None:
+    session.info.pop(_HOOKS_KEY, None)
+    await session.rollback()
+
+
+@asynccontextmanager
+async def unit_of_work(
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> AsyncIterator[AsyncSession]:
+    """A session that commits on success (then runs hooks) and rolls back on error.
+
+    For jobs and streams, which live outside a request's unit of work.
+    """
+    async with sessionmaker() as session:
+        try:
+            yield session
+        except BaseException:
+            await rollback(session)
+            raise
+        else:
+            await commit(session)
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True when `exc` says the database could not be reached (not a bad query)."""
+    if isinstance(exc, (OSError, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, OperationalError):
+        text_ = str(exc.orig).lower()
+        return any(
+            marker in text_
+            for marker in ("connect", "unable to open", "connection", "could not translate")
+        )
+    return False
+
+
+async def get_db_session(request: Request) -> AsyncIterator[AsyncSession]:
+    sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
+    async with sessionmaker() as session:
+        try:
+            yield session
+        except BaseException as exc:
+            await rollback(session)
+            if is_connection_error(exc):
+                raise DatabaseUnavailable() from exc
+            raise
+        else:
+            try:
+                await commit(session)
+            except Exception as exc:
+                if is_connection_error(exc):
+                    raise DatabaseUnavailable() from exc
+                raise
+
+
+DbSession = Annotated[AsyncSession, Depends(get_db_session, scope="function")]
+
+
+async def ping(engine: AsyncEngine) -> float:
+    """Round-trip a `SELECT 1`; returns the latency in milliseconds."""
+    started = time.perf_counter()
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))
+    return (time.perf_counter() - started) * 1000

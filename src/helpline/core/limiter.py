@@ -1,0 +1,122 @@
+"""Rate limiting on the `limits` library's async API.
+
+Moving windows (a fixed window lets 2N through across its boundary), stored in Redis when
+`REDIS_URL` is set so that a limit holds across every instance, in memory otherwise.
+SlowAPI is not used: it calls its storage synchronously (a blocking Redis round trip on the
+event loop per check) and skips WebSocket scopes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import structlog
+from limits import RateLimitItem, parse
+from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.storage import storage_from_string
+
+from helpline.core.config import Settings
+from helpline.core.errors import RateLimited, ServiceUnavailable
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitStatus:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_at: float  # epoch seconds when a slot frees up
+
+    @property
+    def retry_after(self) -> int:
+        return max(1, math.ceil(self.reset_at - time.time()))
+
+    def headers(self) -> dict[str, str]:
+        headers = {
+            "X-RateLimit-Limit": str(self.limit),
+            "X-RateLimit-Remaining": str(self.remaining),
+            "X-RateLimit-Reset": str(math.ceil(self.reset_at)),
+        }
+        if not self.allowed:
+            headers["Retry-After"] = str(self.retry_after)
+        return headers
+
+
+def create_storage(settings: Settings) -> Storage:
+    """Redis storage when `REDIS_URL` is set, in-process memory otherwise."""
+    if settings.redis_url:
+        url = settings.redis_url.replace("redis://", "async+redis://", 1).replace(
+            "rediss://", "async+rediss://", 1
+        )
+        storage = storage_from_string(
+            url,
+            implementation="redispy",
+            key_prefix=f"{settings.redis_key_prefix}limits",
+            socket_connect_timeout=2.0,
+            socket_timeout=2.0,
+        )
+        assert isinstance(storage, Storage)
+        return storage
+    return MemoryStorage()
+
+
+class RateLimiter:
+    """Checks and counts hits against limit strings such as `20/minute`."""
+
+    def __init__(self, storage: Storage, *, fail_open: bool = True) -> None:
+        self.storage = storage
+        self.strategy = MovingWindowRateLimiter(storage)
+        self.fail_open = fail_open
+
+    @staticmethod
+    def parse(limit: str) -> RateLimitItem:
+        return parse(limit)
+
+    async def hit(
+        self, limit: str | RateLimitItem, *identifiers: str, cost: int = 1
+    ) -> LimitStatus:
+        """Count one hit (or `cost`) and say whether it was allowed."""
+        item = parse(limit) if isinstance(limit, str) else limit
+        try:
+            allowed = await self.strategy.hit(item, *identifiers, cost=cost)
+            stats = await self.strategy.get_window_stats(item, *identifiers)
+        except Exception as exc:
+            return self._storage_failed(item, exc)
+        return LimitStatus(allowed, item.amount, stats.remaining, stats.reset_time)
+
+    async def peek(self, limit: str | RateLimitItem, *identifiers: str) -> LimitStatus:
+        """Whether one more hit would be allowed, without counting it."""
+        item = parse(limit) if isinstance(limit, str) else limit
+        try:
+            allowed = await self.strategy.test(item, *identifiers)
+            stats = await self.strategy.get_window_stats(item, *identifiers)
+        except Exception as exc:
+            return self._storage_failed(item, exc)
+        return LimitStatus(allowed, item.amount, stats.remaining, stats.reset_time)
+
+    async def clear(self, limit: str | RateLimitItem, *identifiers: str) -> None:
+        item = parse(limit) if isinstance(limit, str) else limit
+        try:
+            await self.strategy.clear(item, *identifiers)
+        except Exception:
+            log.warning("ratelimit.clear_failed", exc_info=True)
+
+    def _storage_failed(self, item: RateLimitItem, exc: Exception) -> LimitStatus:
+        log.warning("ratelimit.storage_unavailable", error=str(exc), fail_open=self.fail_open)
+        if self.fail_open:
+            return LimitStatus(True, item.amount, item.amount, time.time() + item.get_expiry())
+        raise ServiceUnavailable("Rate limiting is unavailable; try again shortly") from exc
+
+    async def enforce(self, limit: str | RateLimitItem, *identifiers: str) -> LimitStatus:
+        """`hit`, raising `429 RATE_LIMITED` (with the SPEC headers) when over the limit."""
+        status = await self.hit(limit, *identifiers)
+        if not status.allowed:
+            raise RateLimited(
+                f"Rate limit exceeded: {limit}; retry in {status.retry_after} s",
+                headers=status.headers(),
+            )
+        return status

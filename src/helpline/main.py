@@ -1,0 +1,121 @@
+"""The FastAPI application: `create_app()` builds it, `lifespan` owns engines and clients."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError
+
+from helpline.core import health, lifecycle
+from helpline.core.config import Settings, get_settings
+from helpline.core.database import create_engine, create_sessionmaker, is_connection_error
+from helpline.core.errors import error_response, register_exception_handlers
+from helpline.core.limiter import RateLimiter, create_storage
+from helpline.core.logging import configure_logging
+from helpline.core.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from helpline.core.redis import create_redis
+
+log = structlog.get_logger(__name__)
+
+UPLOAD_PATHS = ("/knowledge/documents",)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    engine = create_engine(settings)
+    app.state.engine = engine
+    app.state.sessionmaker = create_sessionmaker(engine)
+    app.state.redis = create_redis(settings)
+    app.state.limiter = RateLimiter(
+        create_storage(settings), fail_open=settings.rate_limit_fail_open
+    )
+    app.state.jwt_secret = settings.resolve_jwt_secret()
+    app.state.lifecycle = lifecycle.Lifecycle(settings.shutdown_grace_s)
+    lifecycle.set_current(app.state.lifecycle)
+    lifecycle.install_signal_handlers(app.state.lifecycle)
+    log.info(
+        "app.started",
+        environment=settings.environment.value,
+        database="sqlite" if settings.is_sqlite else "postgresql",
+        redis=bool(settings.redis_url),
+        llm_provider=settings.llm_provider,
+    )
+    try:
+        yield
+    finally:
+        await app.state.lifecycle.drain()
+        lifecycle.set_current(None)
+        if app.state.redis is not None:
+            await app.state.redis.aclose()
+        await engine.dispose()
+        log.info("app.stopped")
+
+
+async def _handle_database_error(_: Request, exc: Exception) -> JSONResponse:
+    if is_connection_error(exc):
+        return error_response(
+            503, "SERVICE_UNAVAILABLE", "The database is unreachable; try again shortly"
+        )
+    raise exc
+
+
+def include_routers(app: FastAPI) -> None:
+    from helpline.core.health import router as health_router
+
+    app.include_router(health_router)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the application; tests pass their own settings."""
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_format)
+    docs = not settings.is_production
+    app = FastAPI(
+        title=settings.app_name,
+        version="0.1.0",
+        summary="Self-hostable customer-support AI backend",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
+    app.state.settings = settings
+    app.state.health_checks = {
+        "database": health.check_database,
+        "redis": health.check_redis,
+    }
+    register_exception_handlers(app)
+    app.add_exception_handler(DBAPIError, _handle_database_error)
+    app.add_exception_handler(OSError, _handle_database_error)
+
+    def body_limit_for(path: str) -> int:
+        if path.startswith(UPLOAD_PATHS):
+            return settings.max_upload_bytes
+        return settings.max_request_bytes
+
+    # Added innermost first: the request context wraps everything, CORS answers pre-flights.
+    app.add_middleware(BodySizeLimitMiddleware, limit_for=body_limit_for)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_credentials=True,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=[
+                "X-Request-ID",
+                "Retry-After",
+                "X-RateLimit-Limit",
+                "X-RateLimit-Remaining",
+                "X-RateLimit-Reset",
+            ],
+        )
+    app.add_middleware(RequestContextMiddleware)
+    include_routers(app)
+    return app
