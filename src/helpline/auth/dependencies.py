@@ -1,0 +1,146 @@
+"""Who is calling: dependencies for HTTP routes and the WebSocket variant.
+
+Other domains use `CurrentUser`, `AgentUser`, `AdminUser` (an active `User`) and, for sockets,
+`authenticate_websocket`. A credential is an access JWT or an API key (`hl_…`), sent as
+`Authorization: Bearer …` (sockets may also pass `?token=…`, since browsers cannot set headers).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import Depends, Request, WebSocket
+from fastapi.security import OAuth2PasswordBearer
+from fastapi.security.utils import get_authorization_scheme_param
+from starlette.requests import HTTPConnection
+
+from helpline.auth import service as auth_service
+from helpline.auth.exceptions import InactiveUser
+from helpline.auth.models import User, UserRole
+from helpline.auth.security import TokenCodec
+from helpline.auth.service import Authentication, AuthEnvironment, ClientInfo
+from helpline.core.database import DbSession, unit_of_work
+from helpline.core.errors import Forbidden, NotAuthenticated
+
+oauth2_scheme = OAuth2PasswordBearer(
+    tokenUrl="/auth/token",
+    auto_error=False,
+    description="An access token from `/auth/token`, or an API key (`hl_…`).",
+)
+
+
+def auth_environment(connection: HTTPConnection) -> AuthEnvironment:
+    """The auth collaborators of the app serving this request or socket."""
+    state = connection.app.state
+    return AuthEnvironment(
+        settings=state.settings,
+        codec=TokenCodec.from_settings(state.settings, state.jwt_secret),
+        limiter=state.limiter,
+        revocations=state.revocations,
+        sessionmaker=state.sessionmaker,
+    )
+
+
+def get_auth_environment(request: Request) -> AuthEnvironment:
+    return auth_environment(request)
+
+
+def get_client_info(request: Request) -> ClientInfo:
+    return ClientInfo(
+        user_agent=request.headers.get("user-agent"),
+        ip=request.client.host if request.client else None,
+    )
+
+
+AuthEnv = Annotated[AuthEnvironment, Depends(get_auth_environment)]
+Client = Annotated[ClientInfo, Depends(get_client_info)]
+
+
+async def get_authentication(
+    session: DbSession,
+    env: AuthEnv,
+    token: Annotated[str | None, Depends(oauth2_scheme)],
+) -> Authentication:
+    """The credential's user, active or not (401 without a valid credential)."""
+    if not token:
+        raise NotAuthenticated()
+    return await auth_service.authenticate(session, env=env, token=token)
+
+
+async def get_active_authentication(
+    auth: Annotated[Authentication, Depends(get_authentication)],
+) -> Authentication:
+    if not auth.user.is_active:
+        raise InactiveUser()
+    return auth
+
+
+async def get_current_user(
+    auth: Annotated[Authentication, Depends(get_authentication)],
+) -> User:
+    """The authenticated user, even when deactivated."""
+    return auth.user
+
+
+async def get_current_active_user(
+    auth: Annotated[Authentication, Depends(get_active_authentication)],
+) -> User:
+    """The authenticated user; `403 INACTIVE_USER` when deactivated."""
+    return auth.user
+
+
+CurrentAuth = Annotated[Authentication, Depends(get_active_authentication)]
+CurrentUser = Annotated[User, Depends(get_current_active_user)]
+
+
+async def get_agent_user(user: CurrentUser) -> User:
+    if user.role not in (UserRole.AGENT, UserRole.ADMIN):
+        raise Forbidden("Only support agents and administrators may do this")
+    return user
+
+
+async def get_admin_user(user: CurrentUser) -> User:
+    if user.role != UserRole.ADMIN:
+        raise Forbidden("Only administrators may do this")
+    return user
+
+
+AgentUser = Annotated[User, Depends(get_agent_user)]
+AdminUser = Annotated[User, Depends(get_admin_user)]
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketIdentity:
+    user: User
+    login_id: uuid.UUID | None  # None for an API key
+    expires_at: datetime | None  # when the access token expires; None for an API key
+
+
+def websocket_token(websocket: WebSocket) -> str | None:
+    """The credential of a handshake: `?token=` first, then `Authorization: Bearer`."""
+    token = websocket.query_params.get("token")
+    if token:
+        return token
+    scheme, credentials = get_authorization_scheme_param(websocket.headers.get("authorization"))
+    if scheme.lower() == "bearer" and credentials:
+        return credentials
+    return None
+
+
+async def authenticate_websocket(websocket: WebSocket) -> WebSocketIdentity:
+    """Authenticate a handshake; raises `NotAuthenticated` (or a subclass) or `InactiveUser`.
+
+    Uses a short session of its own: a socket outlives any request's unit of work.
+    """
+    token = websocket_token(websocket)
+    if not token:
+        raise NotAuthenticated()
+    env = auth_environment(websocket)
+    async with unit_of_work(env.sessionmaker) as session:
+        auth = await auth_service.authenticate(session, env=env, token=token)
+    if not auth.user.is_active:
+        raise InactiveUser()
+    return WebSocketIdentity(user=auth.user, login_id=auth.login_id, expires_at=auth.expires_at)
