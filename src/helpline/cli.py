@@ -94,6 +94,62 @@ def migrate(
     typer.echo(f"Database migrated to {revision}.")
 
 
+class _CommandError(Exception):
+    pass
+
+
+async def _create_user(settings: Settings, *, username: str, password: str, role: str) -> str:
+    """Validate like the API does, then create the account in its own unit of work."""
+    from sqlalchemy.exc import DBAPIError
+
+    from helpline.auth import service as auth_service
+    from helpline.auth.exceptions import UsernameTaken
+    from helpline.auth.schemas import AdminUserCreate
+    from helpline.core.database import create_engine, create_sessionmaker, unit_of_work
+
+    try:
+        data = AdminUserCreate(username=username, password=password, role=role)
+    except ValidationError as exc:
+        reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise _CommandError(f"Invalid account: {reasons}") from exc
+    engine = create_engine(settings)
+    try:
+        async with unit_of_work(create_sessionmaker(engine)) as session:
+            user = await auth_service.admin_create_user(session, data=data)
+    except UsernameTaken as exc:
+        raise _CommandError(f"The username {data.username!r} is already taken.") from exc
+    except DBAPIError as exc:
+        raise _CommandError(
+            f"Could not write to the database ({type(exc.orig).__name__}); "
+            "is it reachable and migrated (`helpline migrate`)?"
+        ) from exc
+    finally:
+        await engine.dispose()
+    return f"Created {user.role.value} {user.username} ({user.id})."
+
+
+@app.command("create-user")
+def create_user(
+    username: Annotated[str, typer.Argument(help="3 to 40 letters, digits, '.', '_' or '-'.")],
+    role: Annotated[str, typer.Option(help="customer, agent or admin.")],
+    password: Annotated[
+        str | None, typer.Option(help="Prompted for (hidden, twice) when left out.")
+    ] = None,
+) -> None:
+    """Create an account of any role (e.g. the first administrator)."""
+    settings = _settings()
+    if password is None:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        message = asyncio.run(
+            _create_user(settings, username=username, password=password, role=role)
+        )
+    except _CommandError as exc:
+        typer.secho(str(exc), fg="red", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(message)
+
+
 @app.command()
 def openapi(
     indent: Annotated[int, typer.Option(help="JSON indentation.")] = 2,

@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 
+from helpline.auth.revocation import create_revocations
 from helpline.core import health, lifecycle
 from helpline.core.config import Settings, get_settings
 from helpline.core.database import create_engine, create_sessionmaker, is_connection_error
@@ -36,6 +37,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         create_storage(settings), fail_open=settings.rate_limit_fail_open
     )
     app.state.jwt_secret = settings.resolve_jwt_secret()
+    app.state.revocations = create_revocations(
+        settings, redis=app.state.redis, sessionmaker=app.state.sessionmaker
+    )
     app.state.lifecycle = lifecycle.Lifecycle(settings.shutdown_grace_s)
     lifecycle.set_current(app.state.lifecycle)
     lifecycle.install_signal_handlers(app.state.lifecycle)
@@ -66,9 +70,13 @@ async def _handle_database_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 def include_routers(app: FastAPI) -> None:
+    from helpline.auth.router import admin_router as auth_admin_router
+    from helpline.auth.router import router as auth_router
     from helpline.core.health import router as health_router
 
     app.include_router(health_router)
+    app.include_router(auth_router)
+    app.include_router(auth_admin_router)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
