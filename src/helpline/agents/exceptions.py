@@ -11,3 +11,7 @@ class LLMServiceError(AppError):
     status_code = 503
     code = "LLM_SERVICE_ERROR"
     message = "The AI model is unavailable; try again shortly"
+
+
+class ConfigurationError(Exception):
+    """The LLM settings name something this install cannot build (raised at startup)."""

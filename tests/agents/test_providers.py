@@ -1,0 +1,325 @@
+"""The `openai` and `anthropic` providers against a real HTTP model server on 127.0.0.1.
+
+Every behaviour runs for both providers (the `provider` fixture): streamed text, usage,
+retries only before the first token, every failure mapped to `LLMServiceError`, and
+cancellation closing the upstream connection, observed from the server's side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from helpline.agents.exceptions import LLMServiceError
+from helpline.agents.schemas import ChatMessage, TextDelta, Usage
+from helpline.agents.tokens import estimate_prompt_tokens, estimate_tokens
+from tests.agents.conftest import ModelFactory
+from tests.llm_server import LLMTestServer, Script
+from tests.servers import free_port
+
+MESSAGES = (
+    ChatMessage(role="system", content="You are a helpful support assistant."),
+    ChatMessage(role="user", content="How do I reset my password?"),
+)
+LONG = Script(chunks=[f" word{i}" for i in range(200)], delay_s=0.02)  # about 4 s
+
+
+async def collect(stream: AsyncIterator[TextDelta | Usage]) -> tuple[list[str], list[Usage]]:
+    texts: list[str] = []
+    usages: list[Usage] = []
+    async for event in stream:
+        if isinstance(event, TextDelta):
+            texts.append(event.text)
+        else:
+            usages.append(event)
+    return texts, usages
+
+
+async def collect_until_failure(
+    stream: AsyncIterator[TextDelta | Usage],
+) -> tuple[list[str], LLMServiceError]:
+    texts: list[str] = []
+
+    async def read() -> None:
+        async for event in stream:
+            if isinstance(event, TextDelta):
+                texts.append(event.text)
+
+    with pytest.raises(LLMServiceError) as caught:
+        await read()
+    return texts, caught.value
+
+
+async def test_streamed_text_equals_the_chunks(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    script = Script(chunks=["To reset", " it, open", " Settings", " → Security."])
+    llm_server.enqueue(script)
+
+    texts, usages = await collect(make_model().stream(MESSAGES))
+
+    assert texts == list(script.chunks)
+    assert "".join(texts) == script.text
+    assert len(usages) == 1
+
+
+async def test_usage_comes_from_the_provider(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    llm_server.enqueue(Script(chunks=["Yes", "."], prompt_tokens=321, completion_tokens=12))
+
+    _, usages = await collect(make_model().stream(MESSAGES))
+
+    assert usages == [Usage(prompt_tokens=321, completion_tokens=12, estimated=False)]
+
+
+async def test_usage_is_estimated_when_the_provider_reports_none(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    script = Script(chunks=["Open", " Settings", " and", " choose", " Reset."], usage=False)
+    llm_server.enqueue(script)
+
+    _, usages = await collect(make_model().stream(MESSAGES))
+
+    assert usages == [
+        Usage(
+            prompt_tokens=estimate_prompt_tokens(MESSAGES),
+            completion_tokens=estimate_tokens(script.text),
+            estimated=True,
+        )
+    ]
+
+
+async def test_retries_before_the_first_token_then_succeeds(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    llm_server.enqueue(
+        Script(status=500),  # a server error
+        Script(drop_after=0),  # the connection dropped before any text
+        Script(chunks=["Third", " time", " lucky"]),
+    )
+
+    texts, usages = await collect(make_model(max_retries=2).stream(MESSAGES))
+
+    assert "".join(texts) == "Third time lucky"
+    assert len(usages) == 1
+    assert len(llm_server.completion_requests) == 3
+
+
+async def test_a_hang_before_the_headers_is_retried(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    llm_server.enqueue(Script(hang_before_headers=True), Script(chunks=["Back", " again"]))
+
+    texts, _ = await collect(make_model(max_retries=1, timeout_s=0.3).stream(MESSAGES))
+
+    assert "".join(texts) == "Back again"
+    assert [r.outcome for r in llm_server.completion_requests] == ["closed_early", "complete"]
+
+
+async def test_retries_are_bounded(make_model: ModelFactory, llm_server: LLMTestServer) -> None:
+    llm_server.enqueue(*[Script(status=503)] * 5)
+
+    _, error = await collect_until_failure(make_model(max_retries=2).stream(MESSAGES))
+
+    assert error.message == "The AI model failed (HTTP 503)"
+    assert len(llm_server.completion_requests) == 3  # the first attempt and two retries
+
+
+async def test_no_retry_after_the_first_token(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    llm_server.enqueue(
+        Script(chunks=["Half", " an", " answer", " and", " more"], drop_after=3),
+        Script(chunks=["A", " different", " answer"]),
+    )
+
+    texts, error = await collect_until_failure(make_model(max_retries=3).stream(MESSAGES))
+
+    assert texts == ["Half", " an", " answer"]
+    assert error.code == "LLM_SERVICE_ERROR"
+    assert len(llm_server.completion_requests) == 1
+
+
+async def test_http_500_is_an_llm_service_error(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    llm_server.enqueue(Script(status=500, error_message="internal: stack trace here"))
+
+    texts, error = await collect_until_failure(make_model().stream(MESSAGES))
+
+    assert texts == []
+    assert error.status_code == 503
+    assert error.code == "LLM_SERVICE_ERROR"
+    assert error.message == "The AI model failed (HTTP 500)"
+    assert "stack trace" not in error.message
+
+
+async def test_refused_credentials_are_not_retried_and_not_echoed(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    llm_server.enqueue(
+        Script(status=401, error_message="Incorrect API key provided: sk-test-secret-key")
+    )
+
+    _, error = await collect_until_failure(make_model(max_retries=2).stream(MESSAGES))
+
+    assert error.message == "The AI model refused the credentials (HTTP 401)"
+    assert "sk-test" not in str(error)
+    assert len(llm_server.completion_requests) == 1
+
+
+async def test_a_hang_mid_stream_fails_after_the_read_timeout(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    llm_server.enqueue(Script(chunks=["One", " two", " three"], hang_after=2))
+    started = time.monotonic()
+
+    texts, error = await collect_until_failure(
+        make_model(timeout_s=0.5, max_retries=2).stream(MESSAGES)
+    )
+
+    elapsed = time.monotonic() - started
+    assert texts == ["One", " two"]
+    assert error.message == "The AI model did not respond within 0.5 s"
+    assert 0.4 < elapsed < 3.0
+    assert len(llm_server.completion_requests) == 1  # text was out: no retry
+
+
+async def test_a_connection_dropped_mid_stream_fails(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    llm_server.enqueue(Script(chunks=["One", " two", " three", " four"], drop_after=2))
+
+    texts, error = await collect_until_failure(make_model().stream(MESSAGES))
+
+    assert texts == ["One", " two"]
+    assert error.message == "The connection to the AI model broke off mid-answer"
+
+
+async def test_a_stream_that_ends_unfinished_fails(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    llm_server.enqueue(Script(chunks=["One", " two", " three"], truncate_after=2))
+
+    texts, error = await collect_until_failure(make_model().stream(MESSAGES))
+
+    assert texts == ["One", " two"]
+    assert error.message == "The AI model's answer broke off before it finished"
+
+
+async def test_an_error_event_mid_stream_fails(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    llm_server.enqueue(Script(chunks=["One", " two", " three"], error_after=1))
+
+    texts, error = await collect_until_failure(make_model().stream(MESSAGES))
+
+    assert texts == ["One"]
+    assert error.message == "The AI model reported an error mid-answer"
+
+
+async def test_an_unreachable_server_fails_after_the_retries(make_model: ModelFactory) -> None:
+    model = make_model(base_url=f"http://127.0.0.1:{free_port()}", max_retries=1)
+
+    texts, error = await collect_until_failure(model.stream(MESSAGES))
+
+    assert texts == []
+    assert error.message == "The AI model could not be reached"
+
+
+async def test_cancellation_closes_the_upstream_connection(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    llm_server.enqueue(LONG)
+    model = make_model()
+    received: list[str] = []
+    two_pieces = asyncio.Event()
+
+    async def consume() -> None:
+        async for event in model.stream(MESSAGES):
+            if isinstance(event, TextDelta):
+                received.append(event.text)
+                if len(received) == 2:
+                    two_pieces.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(two_pieces.wait(), timeout=5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    # The script would stream for 4 s more; the server sees the client leave at once.
+    assert await llm_server.async_wait_for_closed_early(1, within_s=1.0)
+    [request] = llm_server.completion_requests
+    assert request.outcome == "closed_early"
+
+
+async def test_cancellation_before_the_headers_closes_the_connection(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    llm_server.enqueue(Script(hang_before_headers=True))
+    task = asyncio.create_task(collect(make_model(timeout_s=30).stream(MESSAGES)))
+    assert await llm_server.async_wait_for_requests(1)
+
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert await llm_server.async_wait_for_closed_early(1, within_s=1.0)
+
+
+async def test_closing_the_stream_early_closes_the_upstream_connection(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    llm_server.enqueue(LONG)
+    stream = make_model().stream(MESSAGES)
+
+    first = await anext(stream)
+    await stream.aclose()  # type: ignore[attr-defined]  # an async generator
+
+    assert first == TextDelta(" word0")
+    assert await llm_server.async_wait_for_closed_early(1, within_s=1.0)
+
+
+async def test_a_completed_stream_leaves_the_connection_for_reuse(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    model = make_model()
+
+    await collect(model.stream(MESSAGES))
+    await collect(model.stream(MESSAGES))
+
+    assert [r.outcome for r in llm_server.completion_requests] == ["complete", "complete"]
+    assert llm_server.closed_early == []
+
+
+async def test_check_lists_the_models(make_model: ModelFactory, llm_server: LLMTestServer) -> None:
+    await make_model().check()
+
+    [request] = llm_server.requests
+    assert (request.method, request.path) == ("GET", "/v1/models")
+
+
+async def test_check_fails_when_the_server_errs(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    llm_server.models_status = 500
+
+    with pytest.raises(LLMServiceError, match=r"HTTP 500"):
+        await make_model().check()
+
+
+async def test_check_fails_when_the_server_hangs(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    llm_server.models_delay_s = 5.0
+    started = time.monotonic()
+
+    with pytest.raises(LLMServiceError, match=r"did not respond within 0\.3 s"):
+        await make_model(check_timeout_s=0.3).check()
+
+    assert time.monotonic() - started < 2.0
