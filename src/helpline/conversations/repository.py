@@ -1,0 +1,217 @@
+"""SQL for conversations and messages."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from helpline.conversations.models import (
+    Conversation,
+    ConversationStatus,
+    Message,
+    MessageRole,
+    MessageStatus,
+)
+from helpline.kit.pagination import paginate, split_page
+
+
+async def get_conversation(
+    session: AsyncSession, conversation_id: uuid.UUID
+) -> Conversation | None:
+    return await session.get(Conversation, conversation_id)
+
+
+async def lock_conversation(
+    session: AsyncSession, conversation_id: uuid.UUID
+) -> Conversation | None:
+    """Load the conversation for an update (row lock on PostgreSQL)."""
+    statement = select(Conversation).where(Conversation.id == conversation_id).with_for_update()
+    result = await session.execute(statement.execution_options(populate_existing=True))
+    return result.scalar_one_or_none()
+
+
+async def list_conversations(
+    session: AsyncSession,
+    *,
+    user_id: uuid.UUID | None,
+    status: ConversationStatus | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[Conversation], str | None]:
+    statement = select(Conversation)
+    if user_id is not None:
+        statement = statement.where(Conversation.user_id == user_id)
+    if status is not None:
+        statement = statement.where(Conversation.status == status)
+    statement = paginate(
+        statement,
+        sort_column=Conversation.updated_at,
+        id_column=Conversation.id,
+        cursor=cursor,
+        limit=limit,
+        direction="desc",
+    )
+    rows = list((await session.scalars(statement)).all())
+    return split_page(rows, limit=limit, sort_attr="updated_at")
+
+
+async def list_waiting(
+    session: AsyncSession, *, limit: int, cursor: str | None
+) -> tuple[list[Conversation], str | None]:
+    statement = paginate(
+        select(Conversation).where(Conversation.status == ConversationStatus.WAITING_FOR_AGENT),
+        sort_column=Conversation.waiting_since,
+        id_column=Conversation.id,
+        cursor=cursor,
+        limit=limit,
+        direction="asc",
+    )
+    rows = list((await session.scalars(statement)).all())
+    return split_page(rows, limit=limit, sort_attr="waiting_since")
+
+
+async def delete_conversation(session: AsyncSession, conversation_id: uuid.UUID) -> None:
+    await session.execute(delete(Message).where(Message.conversation_id == conversation_id))
+    await session.execute(delete(Conversation).where(Conversation.id == conversation_id))
+
+
+async def list_messages(
+    session: AsyncSession, *, conversation_id: uuid.UUID, limit: int, cursor: str | None
+) -> tuple[list[Message], str | None]:
+    statement = paginate(
+        select(Message).where(Message.conversation_id == conversation_id),
+        sort_column=Message.created_at,
+        id_column=Message.id,
+        cursor=cursor,
+        limit=limit,
+        direction="asc",
+    )
+    rows = list((await session.scalars(statement)).all())
+    return split_page(rows, limit=limit, sort_attr="created_at")
+
+
+async def recent_messages(
+    session: AsyncSession, *, conversation_id: uuid.UUID, limit: int
+) -> Sequence[Message]:
+    """The last `limit` messages, oldest first."""
+    statement = (
+        select(Message)
+        .where(Message.conversation_id == conversation_id)
+        .order_by(Message.created_at.desc(), Message.id.desc())
+        .limit(limit)
+    )
+    rows = list((await session.scalars(statement)).all())
+    rows.reverse()
+    return rows
+
+
+async def get_message(session: AsyncSession, message_id: uuid.UUID) -> Message | None:
+    return await session.get(Message, message_id)
+
+
+async def get_by_client_id(
+    session: AsyncSession, *, conversation_id: uuid.UUID, client_message_id: str
+) -> Message | None:
+    statement = select(Message).where(
+        Message.conversation_id == conversation_id,
+        Message.client_message_id == client_message_id,
+    )
+    return (await session.scalars(statement)).one_or_none()
+
+
+async def get_reply(session: AsyncSession, user_message_id: uuid.UUID) -> Message | None:
+    statement = (
+        select(Message)
+        .where(Message.reply_to_message_id == user_message_id)
+        .order_by(Message.created_at.desc())
+        .limit(1)
+    )
+    return (await session.scalars(statement)).one_or_none()
+
+
+async def get_streaming_answer(session: AsyncSession, conversation_id: uuid.UUID) -> Message | None:
+    statement = select(Message).where(
+        Message.conversation_id == conversation_id,
+        Message.role == MessageRole.ASSISTANT,
+        Message.status == MessageStatus.STREAMING,
+    )
+    return (await session.scalars(statement)).first()
+
+
+async def latest_answer(session: AsyncSession, conversation_id: uuid.UUID) -> Message | None:
+    statement = (
+        select(Message)
+        .where(Message.conversation_id == conversation_id, Message.role == MessageRole.ASSISTANT)
+        .order_by(Message.created_at.desc(), Message.id.desc())
+        .limit(1)
+    )
+    return (await session.scalars(statement)).one_or_none()
+
+
+async def unanswered_questions(
+    session: AsyncSession, conversation_id: uuid.UUID
+) -> Sequence[Message]:
+    """User messages sent after the latest answer started (oldest first)."""
+    last_answer = await latest_answer(session, conversation_id)
+    statement = select(Message).where(
+        Message.conversation_id == conversation_id, Message.role == MessageRole.USER
+    )
+    if last_answer is not None:
+        statement = statement.where(Message.created_at > last_answer.created_at)
+    statement = statement.order_by(Message.created_at.asc(), Message.id.asc())
+    return list((await session.scalars(statement)).all())
+
+
+async def streaming_answers_before(
+    session: AsyncSession, moment: datetime
+) -> list[tuple[uuid.UUID, uuid.UUID]]:
+    statement = select(Message.conversation_id, Message.id).where(
+        Message.role == MessageRole.ASSISTANT,
+        Message.status == MessageStatus.STREAMING,
+        Message.created_at < moment,
+    )
+    return [(row[0], row[1]) for row in (await session.execute(statement)).all()]
+
+
+async def finish_answer(
+    session: AsyncSession,
+    *,
+    message_id: uuid.UUID,
+    values: dict[str, object],
+) -> bool:
+    """Store an answer's final state, only if it is still `streaming` (exactly once)."""
+    statement = (
+        update(Message)
+        .where(Message.id == message_id, Message.status == MessageStatus.STREAMING)
+        .values(**values)
+    )
+    result = await session.execute(statement)
+    return bool(getattr(result, "rowcount", 0))
+
+
+async def count_messages(session: AsyncSession, conversation_id: uuid.UUID) -> dict[str, int]:
+    statement = (
+        select(Message.role, func.count())
+        .where(Message.conversation_id == conversation_id)
+        .group_by(Message.role)
+    )
+    return {str(role): int(count) for role, count in (await session.execute(statement)).all()}
+
+
+async def touch_conversation(
+    session: AsyncSession, conversation_id: uuid.UUID, moment: datetime, *, answered: bool
+) -> None:
+    values: dict[str, object] = {"updated_at": moment}
+    await session.execute(
+        update(Conversation).where(Conversation.id == conversation_id).values(**values)
+    )
+    if answered:
+        await session.execute(
+            update(Conversation)
+            .where(Conversation.id == conversation_id, Conversation.first_answer_at.is_(None))
+            .values(first_answer_at=moment)
+        )

@@ -1,0 +1,650 @@
+"""Conversations, messages and the handoff between the AI and human agents.
+
+Sending a message stores it (and, when the AI is to answer, a `streaming` assistant message) in
+one transaction; once that commits, the message frame is published and the answer launched on
+the generation engine. While a conversation is `waiting_for_agent` or `with_agent` the AI stays
+silent: messages are stored and relayed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from helpline.agents.schemas import ChatMessage, Usage
+from helpline.agents.tokens import estimate_prompt_tokens, estimate_tokens
+from helpline.auth.models import User, UserRole
+from helpline.conversations import repository
+from helpline.conversations.exceptions import (
+    ConversationForbidden,
+    ConversationNotFound,
+    GenerationInProgress,
+    IdempotencyKeyReused,
+    InvalidTransition,
+    NotAssigned,
+    NothingToCancel,
+)
+from helpline.conversations.models import (
+    Conversation,
+    ConversationStatus,
+    Message,
+    MessageRole,
+    MessageStatus,
+)
+from helpline.conversations.schemas import ConversationRead, MessageRead
+from helpline.core import metrics
+from helpline.core.database import on_commit, unit_of_work
+from helpline.kit.models import utcnow
+from helpline.realtime.engine import AnswerJob, AnswerResult, GenerationEngine, StoredAnswer
+from helpline.realtime.frames import message_frame, status_frame
+
+log = structlog.get_logger(__name__)
+
+HISTORY_MESSAGES = 20
+SILENT_STATUSES = frozenset({ConversationStatus.WAITING_FOR_AGENT, ConversationStatus.WITH_AGENT})
+
+
+def is_staff(user: User) -> bool:
+    return user.role in (UserRole.AGENT, UserRole.ADMIN)
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    return MessageRead.model_validate(message).model_dump(mode="json")
+
+
+def conversation_json(conversation: Conversation) -> dict[str, Any]:
+    return ConversationRead.model_validate(conversation).model_dump(mode="json")
+
+
+# -- conversations ---------------------------------------------------------------------------
+
+
+async def create_conversation(
+    session: AsyncSession, *, user: User, title: str | None
+) -> Conversation:
+    """Start a conversation owned by `user`."""
+    conversation = Conversation(user_id=user.id, title=title or None)
+    session.add(conversation)
+    await session.flush()
+    return conversation
+
+
+async def get_conversation(
+    session: AsyncSession, *, user: User, conversation_id: uuid.UUID
+) -> Conversation:
+    """The conversation if `user` may see it: its owner, or any agent or admin."""
+    conversation = await repository.get_conversation(session, conversation_id)
+    if conversation is None:
+        raise ConversationNotFound(conversation_id)
+    if conversation.user_id != user.id and not is_staff(user):
+        raise ConversationForbidden()
+    return conversation
+
+
+async def list_conversations(
+    session: AsyncSession,
+    *,
+    user: User,
+    status: ConversationStatus | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[Conversation], str | None]:
+    """A customer's own conversations, or every conversation for staff; latest activity first."""
+    return await repository.list_conversations(
+        session,
+        user_id=None if is_staff(user) else user.id,
+        status=status,
+        limit=limit,
+        cursor=cursor,
+    )
+
+
+async def delete_conversation(
+    session: AsyncSession, *, engine: GenerationEngine, conversation: Conversation
+) -> None:
+    """Erase the conversation and its messages (an answer in flight is cancelled)."""
+    streaming = await repository.get_streaming_answer(session, conversation.id)
+    await repository.delete_conversation(session, conversation.id)
+    if streaming is not None:
+        message_id = streaming.id
+
+        async def cancel() -> None:
+            await engine.request_cancel(message_id)
+
+        on_commit(session, cancel)
+
+
+async def list_messages(
+    session: AsyncSession, *, conversation: Conversation, limit: int, cursor: str | None
+) -> tuple[list[Message], str | None]:
+    """The conversation's messages, oldest first."""
+    return await repository.list_messages(
+        session, conversation_id=conversation.id, limit=limit, cursor=cursor
+    )
+
+
+async def agent_queue(
+    session: AsyncSession, *, limit: int, cursor: str | None
+) -> tuple[list[Conversation], str | None]:
+    """Conversations waiting for a human, longest waiting first."""
+    return await repository.list_waiting(session, limit=limit, cursor=cursor)
+
+
+# -- sending ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SendResult:
+    user_message: Message
+    assistant_message: Message | None
+    created: bool  # False when `client_message_id` replayed an earlier send
+
+    @property
+    def answer_id(self) -> uuid.UUID | None:
+        return None if self.assistant_message is None else self.assistant_message.id
+
+
+def _history(messages: Sequence[Message]) -> tuple[ChatMessage, ...]:
+    history: list[ChatMessage] = []
+    for message in messages:
+        if message.role == MessageRole.USER:
+            history.append(ChatMessage(role="user", content=message.content))
+        elif message.role in (MessageRole.ASSISTANT, MessageRole.AGENT) and message.content:
+            history.append(ChatMessage(role="assistant", content=message.content))
+    return tuple(history)
+
+
+async def _replay(session: AsyncSession, existing: Message, content: str) -> SendResult:
+    if existing.content != content:
+        raise IdempotencyKeyReused()
+    reply = await repository.get_reply(session, existing.id)
+    return SendResult(user_message=existing, assistant_message=reply, created=False)
+
+
+async def _insert(session: AsyncSession, message: Message) -> bool:
+    """Insert in a savepoint; False when a unique constraint refused it."""
+    try:
+        async with session.begin_nested():
+            session.add(message)
+            await session.flush()
+    except IntegrityError:
+        return False
+    return True
+
+
+async def _begin_answer(
+    session: AsyncSession,
+    *,
+    model: str,
+    conversation: Conversation,
+    question: Message,
+    prior: Sequence[Message],
+) -> tuple[Message, AnswerJob] | None:
+    """Create the `streaming` answer row; None when another answer is streaming already."""
+    history = _history(prior)
+    reply_to = question.client_message_id or str(question.id)
+    prompt_estimate = estimate_prompt_tokens(
+        [*history, ChatMessage(role="user", content=question.content)]
+    )
+    answer = Message(
+        conversation_id=conversation.id,
+        role=MessageRole.ASSISTANT,
+        content="",
+        status=MessageStatus.STREAMING,
+        reply_to_message_id=question.id,
+        reply_to=reply_to,
+        prompt_tokens=prompt_estimate,
+        usage_estimated=True,
+        model=model,
+        # Strictly after the question, so "oldest first" never puts the answer before it.
+        created_at=question.created_at + timedelta(microseconds=1),
+        updated_at=question.created_at + timedelta(microseconds=1),
+    )
+    if not await _insert(session, answer):
+        return None
+    job = AnswerJob(
+        conversation_id=conversation.id,
+        user_id=conversation.user_id,
+        user_message_id=question.id,
+        assistant_message_id=answer.id,
+        reply_to=reply_to,
+        question=question.content,
+        history=history,
+    )
+    return answer, job
+
+
+async def send_message(
+    session: AsyncSession,
+    *,
+    engine: GenerationEngine,
+    queue_when_busy: bool,
+    author: User,
+    conversation: Conversation,
+    content: str,
+    client_message_id: str | None,
+) -> SendResult:
+    """Store a message; a customer's message in an `open` conversation starts an AI answer.
+
+    Idempotent by `client_message_id`. A second send while an answer streams is refused
+    (`GENERATION_IN_PROGRESS`) or, with `queue_when_busy`, stored and answered afterwards.
+    """
+    if client_message_id is not None:
+        existing = await repository.get_by_client_id(
+            session, conversation_id=conversation.id, client_message_id=client_message_id
+        )
+        if existing is not None:
+            return await _replay(session, existing, content)
+
+    conversation = await repository.lock_conversation(session, conversation.id) or conversation
+    previous_status = conversation.status
+    if author.id == conversation.user_id:
+        role = MessageRole.USER
+        if conversation.status == ConversationStatus.RESOLVED:
+            conversation.status = ConversationStatus.OPEN
+            conversation.resolved_at = None
+        ai_answers = conversation.status == ConversationStatus.OPEN
+    elif is_staff(author):
+        if conversation.assigned_agent_id != author.id:
+            raise NotAssigned()
+        role, ai_answers = MessageRole.AGENT, False
+    else:
+        raise ConversationForbidden()
+
+    if ai_answers:
+        engine.ensure_accepting()
+        if await repository.get_streaming_answer(session, conversation.id) is not None:
+            if not queue_when_busy:
+                raise GenerationInProgress()
+            ai_answers = False
+
+    prior = (
+        await repository.recent_messages(
+            session, conversation_id=conversation.id, limit=HISTORY_MESSAGES
+        )
+        if ai_answers
+        else ()
+    )
+    now = utcnow()
+    question = Message(
+        conversation_id=conversation.id,
+        role=role,
+        content=content,
+        author_id=author.id,
+        client_message_id=client_message_id,
+        status=MessageStatus.COMPLETE,
+        token_count=estimate_tokens(content),
+        created_at=now,
+        updated_at=now,
+    )
+    if not await _insert(session, question):
+        # The same client id raced us in another request: that one won.
+        assert client_message_id is not None
+        existing = await repository.get_by_client_id(
+            session, conversation_id=conversation.id, client_message_id=client_message_id
+        )
+        if existing is None:
+            raise InvalidTransition("The message could not be stored")
+        return await _replay(session, existing, content)
+
+    answer: Message | None = None
+    job: AnswerJob | None = None
+    if ai_answers:
+        begun = await _begin_answer(
+            session,
+            model=engine.answerer.model,
+            conversation=conversation,
+            question=question,
+            prior=prior,
+        )
+        if begun is None:
+            if not queue_when_busy:
+                raise GenerationInProgress()
+        else:
+            answer, job = begun
+    queued = (
+        role == MessageRole.USER and conversation.status == ConversationStatus.OPEN and job is None
+    )
+    conversation.updated_at = now
+    await session.flush()
+
+    frames = [message_frame(conversation.id, message_json(question))]
+    if conversation.status != previous_status:
+        frames.append(
+            status_frame(conversation.id, conversation.status, conversation.assigned_agent_id)
+        )
+
+    async def announce() -> None:
+        for frame in frames:
+            await engine.publish(frame)
+        if job is not None:
+            engine.launch(job)
+        elif queued:
+            # The answer we waited behind may have ended before this commit.
+            await engine.start_next_queued(conversation.id)
+
+    on_commit(session, announce)
+    return SendResult(user_message=question, assistant_message=answer, created=True)
+
+
+async def post_message(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    *,
+    engine: GenerationEngine,
+    queue_when_busy: bool,
+    author: User,
+    conversation_id: uuid.UUID,
+    content: str,
+    client_message_id: str | None,
+) -> SendResult:
+    """`send_message` in a unit of work of its own, committed when this returns.
+
+    For streaming callers (SSE, WebSocket, the waiting REST send), which follow the answer after
+    the commit and must not hold a request's session while they do.
+    """
+    async with unit_of_work(sessionmaker) as session:
+        conversation = await get_conversation(session, user=author, conversation_id=conversation_id)
+        return await send_message(
+            session,
+            engine=engine,
+            queue_when_busy=queue_when_busy,
+            author=author,
+            conversation=conversation,
+            content=content,
+            client_message_id=client_message_id,
+        )
+
+
+async def cancel_answer(
+    session: AsyncSession, *, engine: GenerationEngine, conversation: Conversation
+) -> uuid.UUID:
+    """Stop the answer being generated (wherever it runs); `NOTHING_TO_CANCEL` when none is."""
+    streaming = await repository.get_streaming_answer(session, conversation.id)
+    if streaming is None:
+        raise NothingToCancel()
+    if not await engine.is_running_anywhere(streaming.id):
+        # Its instance died: store it as failed now rather than cancel nothing.
+        await engine.fail_if_orphaned(conversation.id, streaming.id)
+        raise NothingToCancel()
+    await engine.request_cancel(streaming.id)
+    return streaming.id
+
+
+async def get_message(session: AsyncSession, message_id: uuid.UUID) -> Message | None:
+    return await repository.get_message(session, message_id)
+
+
+async def latest_answer(session: AsyncSession, conversation_id: uuid.UUID) -> Message | None:
+    """The conversation's streaming answer if any, else its most recent one."""
+    streaming = await repository.get_streaming_answer(session, conversation_id)
+    if streaming is not None:
+        return streaming
+    return await repository.latest_answer(session, conversation_id)
+
+
+# -- handoff ---------------------------------------------------------------------------------
+
+
+async def _change_status(
+    session: AsyncSession,
+    *,
+    engine: GenerationEngine,
+    conversation: Conversation,
+    status: ConversationStatus,
+    note: str | None,
+    actor: User,
+) -> Conversation:
+    conversation.status = status
+    now = utcnow()
+    conversation.updated_at = now
+    frames = []
+    if note:
+        system_note = Message(
+            conversation_id=conversation.id,
+            role=MessageRole.SYSTEM,
+            content=note,
+            author_id=actor.id,
+            status=MessageStatus.COMPLETE,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(system_note)
+        await session.flush()
+        frames.append(message_frame(conversation.id, message_json(system_note)))
+    await session.flush()
+    frames.append(status_frame(conversation.id, status, conversation.assigned_agent_id))
+
+    async def announce() -> None:
+        for frame in frames:
+            await engine.publish(frame)
+
+    on_commit(session, announce)
+    return conversation
+
+
+async def handoff(
+    session: AsyncSession,
+    *,
+    engine: GenerationEngine,
+    conversation: Conversation,
+    actor: User,
+    reason: str | None,
+) -> Conversation:
+    """Ask for a human: the conversation waits for an agent and the AI stays silent."""
+    conversation = await repository.lock_conversation(session, conversation.id) or conversation
+    if conversation.status == ConversationStatus.WAITING_FOR_AGENT:
+        return conversation
+    if conversation.status == ConversationStatus.WITH_AGENT:
+        raise InvalidTransition("A human agent is already handling this conversation")
+    conversation.waiting_since = utcnow()
+    conversation.handoff_reason = reason
+    conversation.was_handed_over = True
+    conversation.resolved_at = None
+    note = "A human agent has been asked to join the conversation."
+    return await _change_status(
+        session,
+        engine=engine,
+        conversation=conversation,
+        status=ConversationStatus.WAITING_FOR_AGENT,
+        note=note,
+        actor=actor,
+    )
+
+
+async def assign(
+    session: AsyncSession, *, engine: GenerationEngine, conversation: Conversation, agent: User
+) -> Conversation:
+    """An agent takes the conversation; a human answers from now on."""
+    conversation = await repository.lock_conversation(session, conversation.id) or conversation
+    if conversation.status == ConversationStatus.RESOLVED:
+        raise InvalidTransition("The conversation is resolved")
+    if (
+        conversation.status == ConversationStatus.WITH_AGENT
+        and conversation.assigned_agent_id == agent.id
+    ):
+        return conversation
+    conversation.assigned_agent_id = agent.id
+    conversation.waiting_since = None
+    conversation.was_handed_over = True
+    name = agent.display_name or agent.username
+    return await _change_status(
+        session,
+        engine=engine,
+        conversation=conversation,
+        status=ConversationStatus.WITH_AGENT,
+        note=f"{name} joined the conversation.",
+        actor=agent,
+    )
+
+
+async def release(
+    session: AsyncSession, *, engine: GenerationEngine, conversation: Conversation, agent: User
+) -> Conversation:
+    """Hand the conversation back to the AI."""
+    conversation = await repository.lock_conversation(session, conversation.id) or conversation
+    if conversation.status not in SILENT_STATUSES:
+        raise InvalidTransition("The conversation is not with a human agent")
+    conversation.assigned_agent_id = None
+    conversation.waiting_since = None
+    return await _change_status(
+        session,
+        engine=engine,
+        conversation=conversation,
+        status=ConversationStatus.OPEN,
+        note="The assistant is back in the conversation.",
+        actor=agent,
+    )
+
+
+async def complete(
+    session: AsyncSession, *, engine: GenerationEngine, conversation: Conversation, actor: User
+) -> Conversation:
+    """Mark the conversation resolved."""
+    conversation = await repository.lock_conversation(session, conversation.id) or conversation
+    if conversation.status == ConversationStatus.RESOLVED:
+        return conversation
+    conversation.resolved_at = utcnow()
+    conversation.waiting_since = None
+    return await _change_status(
+        session,
+        engine=engine,
+        conversation=conversation,
+        status=ConversationStatus.RESOLVED,
+        note=None,
+        actor=actor,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationOutcome:
+    conversation_id: uuid.UUID
+    messages: dict[str, int]
+    seconds_to_first_answer: float | None
+    outcome: str  # "ai_only" or "handed_over"
+
+
+async def record_outcome(
+    sessionmaker: async_sessionmaker[AsyncSession], conversation_id: uuid.UUID
+) -> ConversationOutcome | None:
+    """Analytics of a resolved conversation (run in the background after `complete`)."""
+    async with unit_of_work(sessionmaker) as session:
+        conversation = await repository.get_conversation(session, conversation_id)
+        if conversation is None:
+            return None
+        counts = await repository.count_messages(session, conversation_id)
+    first = conversation.first_answer_at
+    outcome = ConversationOutcome(
+        conversation_id=conversation_id,
+        messages=counts,
+        seconds_to_first_answer=(
+            None if first is None else (first - conversation.created_at).total_seconds()
+        ),
+        outcome="handed_over" if conversation.was_handed_over else "ai_only",
+    )
+    log.info(
+        "conversation.completed",
+        conversation_id=str(conversation_id),
+        messages=counts,
+        seconds_to_first_answer=outcome.seconds_to_first_answer,
+        outcome=outcome.outcome,
+    )
+    metrics.CONVERSATIONS_COMPLETED.labels(outcome=outcome.outcome).inc()
+    return outcome
+
+
+# -- the engine's store ----------------------------------------------------------------------
+
+
+class ConversationAnswerStore:
+    """Stores answers' results for the generation engine (`realtime.engine.AnswerStore`)."""
+
+    def __init__(
+        self, sessionmaker: async_sessionmaker[AsyncSession], *, queue_when_busy: bool, model: str
+    ) -> None:
+        self.sessionmaker = sessionmaker
+        self.queue_when_busy = queue_when_busy
+        self.model = model
+
+    async def store_result(self, result: AnswerResult) -> StoredAnswer:
+        now = utcnow()
+        async with unit_of_work(self.sessionmaker) as session:
+            message = await repository.get_message(session, result.message_id)
+            if message is None:  # the conversation was deleted meanwhile
+                usage = result.usage or Usage(0, estimate_tokens(result.content), estimated=True)
+                return StoredAnswer(message={}, usage=usage, reply_to=None)
+            usage = result.usage or Usage(
+                prompt_tokens=message.prompt_tokens or 0,
+                completion_tokens=estimate_tokens(result.content),
+                estimated=True,
+            )
+            values: dict[str, object] = {
+                "content": result.content,
+                "status": MessageStatus(result.outcome),
+                "token_count": usage.completion_tokens,
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "usage_estimated": usage.estimated,
+                "sources": [
+                    {
+                        "document_id": str(source.document_id),
+                        "title": source.title,
+                        "chunk_id": str(source.chunk_id),
+                    }
+                    for source in result.sources
+                ],
+                "last_seq": result.last_seq,
+                "error_code": result.error_code,
+                "updated_at": now,
+            }
+            if result.model:
+                values["model"] = result.model
+            stored = await repository.finish_answer(
+                session, message_id=result.message_id, values=values
+            )
+            if stored:
+                await repository.touch_conversation(
+                    session,
+                    message.conversation_id,
+                    now,
+                    answered=bool(result.content),
+                )
+            await session.refresh(message)
+            return StoredAnswer(
+                message=message_json(message), usage=usage, reply_to=message.reply_to
+            )
+
+    async def next_queued(self, conversation_id: uuid.UUID) -> AnswerJob | None:
+        if not self.queue_when_busy:
+            return None
+        async with unit_of_work(self.sessionmaker) as session:
+            conversation = await repository.lock_conversation(session, conversation_id)
+            if conversation is None or conversation.status != ConversationStatus.OPEN:
+                return None
+            waiting = await repository.unanswered_questions(session, conversation_id)
+            if not waiting:
+                return None
+            question = waiting[-1]
+            prior = [
+                message
+                for message in await repository.recent_messages(
+                    session, conversation_id=conversation_id, limit=HISTORY_MESSAGES + 1
+                )
+                if message.id != question.id
+            ]
+            begun = await _begin_answer(
+                session, model=self.model, conversation=conversation, question=question, prior=prior
+            )
+            return None if begun is None else begun[1]
+
+    async def streaming_answers(self, older_than_s: float) -> list[tuple[uuid.UUID, uuid.UUID]]:
+        async with unit_of_work(self.sessionmaker) as session:
+            return await repository.streaming_answers_before(
+                session, utcnow() - timedelta(seconds=older_than_s)
+            )

@@ -1,0 +1,136 @@
+"""A client's bounded queue of frames: fan-out never waits on a client.
+
+The broker calls `FrameQueue.put` synchronously for every subscriber; one writer task per client
+drains the queue at the client's own pace. While a client keeps up, it gets a frame per token;
+when its queue backs up, pending `token` pieces of the same answer are merged into one frame (the
+`seq` of the last piece), so the text never has a gap and a slow client costs less, not more.
+A client whose queue still fills up (or whose socket stops taking data) is a slow consumer: the
+caller closes it (`4008`), and it may reconnect and resume.
+
+The queue also keeps, per answer, the highest `seq` it has taken, so that a frame is never
+delivered twice, and can hold an answer's live frames while its log is replayed (`resume`), so
+that replayed and live frames join without a gap or a duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from helpline.realtime.frames import Frame, merge_tokens
+
+# WebSocket close codes (SPEC.md: WebSocket).
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNAUTHORIZED = 4001
+CLOSE_FORBIDDEN = 4003
+CLOSE_NOT_FOUND = 4004
+CLOSE_SLOW_CONSUMER = 4008
+
+
+class SlowConsumer(Exception):
+    """The client's queue is full."""
+
+
+class QueueClosed(Exception):
+    """The queue was closed (the client left or was closed)."""
+
+
+class FrameQueue:
+    def __init__(self, max_frames: int, max_pending_bytes: int = 4 * 1024 * 1024) -> None:
+        self.max_frames = max_frames
+        self.max_pending_bytes = max_pending_bytes
+        self._items: deque[Frame] = deque()
+        self._pending_bytes = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._closed = False
+        self.overflowed = False
+        self._taken_seq: dict[str, int] = {}
+        self._held: dict[str, list[Frame]] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def put(self, frame: Frame) -> None:
+        """Take a frame (never blocks); flags overflow instead of growing without bound."""
+        if self._closed:
+            return
+        if frame.is_answer_event:
+            message_id = frame.message_id
+            assert message_id is not None
+            held = self._held.get(message_id)
+            if held is not None:
+                held.append(frame)
+                return
+            seq = frame.seq or 0
+            if seq <= self._taken_seq.get(message_id, 0):
+                return
+            self._taken_seq[message_id] = seq
+            if frame.type == "token" and self._items:
+                last = self._items[-1]
+                if last.type == "token" and last.message_id == message_id:
+                    merged = merge_tokens(last, frame)
+                    self._items[-1] = merged
+                    self._pending_bytes += len(frame.data["content"])
+                    self._check_bounds()
+                    return
+        self._items.append(frame)
+        self._pending_bytes += len(frame.data.get("content") or "") + 64
+        self._check_bounds()
+        self._wake()
+
+    def _check_bounds(self) -> None:
+        if len(self._items) > self.max_frames or self._pending_bytes > self.max_pending_bytes:
+            self.overflowed = True
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> Frame:
+        """The next frame; raises `SlowConsumer` after an overflow, `QueueClosed` once closed."""
+        while True:
+            if self.overflowed:
+                raise SlowConsumer
+            if self._items:
+                frame = self._items.popleft()
+                self._pending_bytes -= len(frame.data.get("content") or "") + 64
+                if not self._items:
+                    self._pending_bytes = 0
+                return frame
+            if self._closed:
+                raise QueueClosed
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake()
+
+    def hold(self, message_id: str, after_seq: int) -> None:
+        """Start a replay of `message_id` after `after_seq`: live frames wait until `release`."""
+        self._held[message_id] = []
+        self._taken_seq[message_id] = after_seq
+        # Frames of this answer still queued would repeat what the replay sends.
+        kept = [frame for frame in self._items if frame.message_id != message_id]
+        if len(kept) != len(self._items):
+            self._items = deque(kept)
+
+    def release(self, message_id: str, replayed: list[Frame]) -> None:
+        """Queue the replayed frames, then the live ones that arrived meanwhile, in `seq` order."""
+        held = self._held.pop(message_id, [])
+        for frame in replayed:
+            self.put(frame)
+        for frame in held:
+            self.put(frame)
+
+    def taken_seq(self, message_id: str) -> int:
+        return self._taken_seq.get(message_id, 0)

@@ -1,0 +1,481 @@
+"""The generation engine: answers run as server-side tasks that belong to the conversation.
+
+An answer is launched once its user message and its `streaming` assistant row are committed.
+Its task holds a lease on the answer (renewed while it runs), numbers every text piece with
+`seq` (1, 2, …), appends each event to the answer's event log and publishes it to every
+subscriber of the conversation, on every instance. When the answer ends — complete, cancelled,
+failed, or cut by shutdown — the result is stored first and the final event published after, so a
+client that sees it can read the stored message.
+
+Consequences: a client that leaves does not stop the answer; a client that comes back replays the
+log after the last `seq` it saw; cancel reaches the task wherever it runs (control bus); an
+answer whose instance died (its lease expired) is stored `failed` with the partial text from the
+log, by whichever instance notices first.
+
+The engine knows nothing of the database schema: an `AnswerStore` (the conversations domain)
+stores results and finds queued questions and orphaned answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import structlog
+
+from helpline.agents.exceptions import LLMServiceError
+from helpline.agents.schemas import (
+    Answerer,
+    AnswerRequest,
+    ChatMessage,
+    Source,
+    SourcesFound,
+    TextDelta,
+    ToolActivity,
+    Usage,
+)
+from helpline.core import metrics, telemetry
+from helpline.core.errors import ShuttingDown
+from helpline.realtime.backends import Backends, FrameListener, Unsubscribe
+from helpline.realtime.frames import Frame, token_frame
+
+log = structlog.get_logger(__name__)
+
+Outcome = Literal["complete", "cancelled", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerJob:
+    """What an instance needs to run one answer (all of it committed already)."""
+
+    conversation_id: uuid.UUID
+    user_id: uuid.UUID
+    user_message_id: uuid.UUID
+    assistant_message_id: uuid.UUID
+    reply_to: str | None
+    question: str
+    history: Sequence[ChatMessage] = ()
+
+
+@dataclass(slots=True)
+class AnswerResult:
+    """How an answer ended, for the store."""
+
+    job_conversation_id: uuid.UUID
+    message_id: uuid.UUID
+    outcome: Outcome
+    content: str
+    last_seq: int
+    usage: Usage | None
+    sources: Sequence[Source] = ()
+    error_code: str | None = None
+    error_detail: str | None = None
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAnswer:
+    message: dict[str, Any]  # the Message as JSON (SPEC)
+    usage: Usage
+    reply_to: str | None
+
+
+class AnswerStore(Protocol):
+    async def store_result(self, result: AnswerResult) -> StoredAnswer:
+        """Persist the final state of an answer.
+
+        `result.usage` is None when the provider reported none (cancelled, failed, cut): the
+        store then estimates it (prompt estimated when the answer started, completion from text).
+        """
+        ...
+
+    async def next_queued(self, conversation_id: uuid.UUID) -> AnswerJob | None:
+        """Under `GENERATION_POLICY=queue`: start the next waiting question's answer, if any."""
+        ...
+
+    async def streaming_answers(self, older_than_s: float) -> list[tuple[uuid.UUID, uuid.UUID]]:
+        """(conversation_id, message_id) of answers stored as `streaming` for a while."""
+        ...
+
+
+@dataclass(eq=False)
+class RunningAnswer:
+    job: AnswerJob
+    task: asyncio.Task[None] | None = None
+    started_at: float = field(default_factory=time.perf_counter)
+    seq: int = 0
+    pieces: list[str] = field(default_factory=list)
+    cancel_requested: bool = False
+    shutdown: bool = False
+    finishing: bool = False  # storing the result: no longer cancellable
+    first_token_s: float | None = None
+
+
+class AnswerNotRunning(Exception):
+    pass
+
+
+def lease_key(message_id: uuid.UUID) -> str:
+    return f"answer:{message_id}"
+
+
+class GenerationEngine:
+    def __init__(
+        self,
+        *,
+        backends: Backends,
+        answerer: Answerer,
+        store: AnswerStore,
+        lease_s: float,
+        instance_id: str | None = None,
+        provider: str = "",
+    ) -> None:
+        self.backends = backends
+        self.answerer = answerer
+        self.store = store
+        self.lease_s = lease_s
+        self.instance_id = instance_id or uuid.uuid4().hex
+        self.provider = provider
+        self.running: dict[uuid.UUID, RunningAnswer] = {}
+        self.accepting = True
+        self._background: set[asyncio.Task[Any]] = set()
+        self._reaper: asyncio.Task[None] | None = None
+        self._closing_hooks: list[Callable[[], Awaitable[None]]] = []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.backends.start()
+        self.backends.control.listen(self._on_control)
+        self._reaper = asyncio.create_task(self._reap_orphans_forever(), name="answer-reaper")
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self.backends.close()
+
+    def ensure_accepting(self) -> None:
+        """Raise `503 SHUTTING_DOWN` once draining has begun."""
+        if not self.accepting:
+            raise ShuttingDown()
+
+    async def drain(self, deadline: float) -> None:
+        """Refuse new answers, let those in flight finish until `deadline`, then cut them."""
+        self.accepting = False
+        loop = asyncio.get_running_loop()
+        tasks = [r.task for r in self.running.values() if r.task is not None]
+        if tasks:
+            log.info("engine.draining", answers=len(tasks))
+            await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
+        for running in list(self.running.values()):
+            if running.task is not None and not running.finishing:
+                running.shutdown = True
+                running.task.cancel()
+        remaining = [r.task for r in self.running.values() if r.task is not None]
+        if remaining:
+            # Storing the partial answers is quick; bound it all the same.
+            await asyncio.wait(remaining, timeout=10)
+
+    # -- subscribing and publishing ----------------------------------------------------------
+
+    def subscribe(self, conversation_id: uuid.UUID, listener: FrameListener) -> Unsubscribe:
+        return self.backends.broker.subscribe(conversation_id, listener)
+
+    async def publish(self, frame: Frame) -> None:
+        """Send a frame that is not part of an answer (message, status, typing)."""
+        try:
+            await self.backends.broker.publish(frame)
+        except Exception:
+            log.exception("engine.publish_failed", frame_type=frame.type)
+
+    async def replay(self, message_id: uuid.UUID, after_seq: int) -> list[Frame] | None:
+        """The answer's events after `after_seq` from its log; None when the log is gone."""
+        return await self.backends.event_log.read_after(message_id, after_seq)
+
+    async def is_running_anywhere(self, message_id: uuid.UUID) -> bool:
+        if message_id in self.running:
+            return True
+        return await self.backends.leases.holder(lease_key(message_id)) is not None
+
+    # -- running answers ---------------------------------------------------------------------
+
+    def launch(self, job: AnswerJob) -> None:
+        """Start the answer's task (call once the job's rows are committed)."""
+        running = RunningAnswer(job=job)
+        self.running[job.assistant_message_id] = running
+        running.task = asyncio.create_task(
+            self._run(running), name=f"answer-{job.assistant_message_id}"
+        )
+
+    async def request_cancel(self, message_id: uuid.UUID) -> None:
+        """Ask whichever instance runs the answer to stop it."""
+        await self.backends.control.send({"kind": "cancel", "message_id": str(message_id)})
+
+    def on_control(self, handler: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        """Listen to control commands (e.g. closing a user's sockets on every instance)."""
+        self.backends.control.listen(handler)
+
+    async def send_control(self, command: dict[str, Any]) -> None:
+        await self.backends.control.send(command)
+
+    async def _on_control(self, command: dict[str, Any]) -> None:
+        if command.get("kind") != "cancel":
+            return
+        running = self.running.get(uuid.UUID(str(command["message_id"])))
+        if running is not None and running.task is not None and not running.finishing:
+            running.cancel_requested = True
+            running.task.cancel()
+
+    async def _run(self, running: RunningAnswer) -> None:
+        job = running.job
+        key = lease_key(job.assistant_message_id)
+        if not await self.backends.leases.acquire(key, self.instance_id, self.lease_s):
+            log.warning("engine.answer_owned_elsewhere", message_id=str(job.assistant_message_id))
+            self.running.pop(job.assistant_message_id, None)
+            return
+        renewer = asyncio.create_task(self._renew_lease(key))
+        model = self.answerer.model
+        metrics.ANSWERS_IN_FLIGHT.inc()
+        try:
+            with telemetry.generation_span(
+                provider=self.provider,
+                model=model,
+                conversation_id=job.conversation_id,
+                message_id=job.assistant_message_id,
+            ) as span:
+                result = await self._generate(running)
+                span.outcome = result.outcome
+                span.time_to_first_token_s = running.first_token_s
+                try:
+                    stored = await self._finish(result)
+                except Exception:
+                    # The database is unreachable: the lease is released below, and the reaper
+                    # stores the answer from its log once the database is back.
+                    log.exception("engine.answer_store_failed", message_id=str(result.message_id))
+                    return
+                span.prompt_tokens = stored.usage.prompt_tokens
+                span.completion_tokens = stored.usage.completion_tokens
+        finally:
+            renewer.cancel()
+            await self.backends.leases.release(key, self.instance_id)
+            self.running.pop(job.assistant_message_id, None)
+            metrics.ANSWERS_IN_FLIGHT.dec()
+        self._record_metrics(running, result, stored.usage, model)
+        await self.start_next_queued(job.conversation_id)
+
+    async def _generate(self, running: RunningAnswer) -> AnswerResult:
+        """Run the answerer to its end, whatever the end; the text so far is always kept."""
+        job = running.job
+        outcome: Outcome = "complete"
+        usage: Usage | None = None
+        sources: Sequence[Source] = ()
+        error_code: str | None = None
+        error_detail: str | None = None
+        request = AnswerRequest(
+            conversation_id=job.conversation_id,
+            user_id=job.user_id,
+            assistant_message_id=job.assistant_message_id,
+            question=job.question,
+            history=job.history,
+        )
+        try:
+            async for event in self.answerer.answer(request):
+                if isinstance(event, TextDelta):
+                    if event.text:
+                        await self._emit_piece(running, event.text)
+                elif isinstance(event, Usage):
+                    usage = event
+                elif isinstance(event, SourcesFound):
+                    sources = tuple(event.sources)
+                elif isinstance(event, ToolActivity):
+                    log.info(
+                        "engine.tool_activity",
+                        tool=event.name,
+                        status=event.status,
+                        message_id=str(job.assistant_message_id),
+                    )
+        except asyncio.CancelledError:
+            # The task goes on to store what it has; it is not cancelled as a whole.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            if running.shutdown:
+                outcome, error_code = "failed", "SHUTTING_DOWN"
+                error_detail = "The server shut down before the answer was finished"
+            else:
+                outcome = "cancelled"
+        except LLMServiceError as exc:
+            outcome, error_code, error_detail = "failed", exc.code, exc.message
+        except Exception:
+            log.exception("engine.answer_crashed", message_id=str(job.assistant_message_id))
+            outcome, error_code = "failed", "INTERNAL_ERROR"
+            error_detail = "The answer could not be generated"
+        finally:
+            running.finishing = True
+        return AnswerResult(
+            job_conversation_id=job.conversation_id,
+            message_id=job.assistant_message_id,
+            outcome=outcome,
+            content="".join(running.pieces),
+            last_seq=running.seq + 1,
+            # A provider reports no usage for a cut stream: the store estimates it.
+            usage=usage if outcome == "complete" else None,
+            sources=sources,
+            error_code=error_code,
+            error_detail=error_detail,
+            model=self.answerer.model,
+        )
+
+    async def _emit_piece(self, running: RunningAnswer, text: str) -> None:
+        job = running.job
+        if running.seq == 0:
+            running.first_token_s = time.perf_counter() - running.started_at
+        running.seq += 1
+        running.pieces.append(text)
+        frame = token_frame(
+            job.conversation_id, job.assistant_message_id, job.reply_to, running.seq, text
+        )
+        await self._emit(job.assistant_message_id, frame)
+
+    def _record_metrics(
+        self, running: RunningAnswer, result: AnswerResult, usage: Usage, model: str
+    ) -> None:
+        """Accounting is best effort: it never breaks an answer."""
+        try:
+            metrics.LLM_TOKENS.labels(model=model, kind="prompt").inc(usage.prompt_tokens)
+            metrics.LLM_TOKENS.labels(model=model, kind="completion").inc(usage.completion_tokens)
+            metrics.LLM_REQUEST_DURATION.labels(model=model, outcome=result.outcome).observe(
+                time.perf_counter() - running.started_at
+            )
+            if running.first_token_s is not None:
+                metrics.LLM_TIME_TO_FIRST_TOKEN.labels(model=model).observe(running.first_token_s)
+            if result.outcome == "cancelled":
+                metrics.LLM_CANCELLATIONS.labels(model=model).inc()
+            elif result.outcome == "failed":
+                metrics.LLM_ERRORS.labels(model=model, type=result.error_code or "UNKNOWN").inc()
+        except Exception:
+            log.warning("engine.metrics_failed", exc_info=True)
+
+    async def _emit(self, message_id: uuid.UUID, frame: Frame) -> None:
+        """Log, then publish: a client that resumes after seeing a frame finds it in the log."""
+        try:
+            await self.backends.event_log.append(message_id, frame)
+        except Exception:
+            log.warning("engine.event_log_append_failed", message_id=str(message_id))
+        await self.backends.broker.publish(frame)
+
+    async def _finish(self, result: AnswerResult) -> StoredAnswer:
+        stored = await self.store.store_result(result)
+        message, usage = stored.message, stored.usage
+        data: dict[str, Any] = {
+            "type": result.outcome,
+            "message_id": str(result.message_id),
+            "reply_to": stored.reply_to,
+            "seq": result.last_seq,
+        }
+        if result.outcome == "complete":
+            data["message"] = message
+            data["usage"] = {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+            }
+        elif result.outcome == "failed":
+            data["code"] = result.error_code
+            data["detail"] = result.error_detail
+            data["message"] = message
+        else:
+            data["message"] = message
+        frame = Frame(data=data, conversation_id=result.job_conversation_id)
+        await self._emit(result.message_id, frame)
+        try:
+            await self.backends.event_log.seal(result.message_id)
+        except Exception:
+            log.warning("engine.event_log_seal_failed", message_id=str(result.message_id))
+        log.info(
+            "chat.answer_finished",
+            conversation_id=str(result.job_conversation_id),
+            message_id=str(result.message_id),
+            outcome=result.outcome,
+            completion_tokens=usage.completion_tokens,
+            error_code=result.error_code,
+        )
+        return stored
+
+    async def start_next_queued(self, conversation_id: uuid.UUID) -> None:
+        """Under `GENERATION_POLICY=queue`: answer the next waiting question, if any."""
+        if not self.accepting:
+            return
+        try:
+            job = await self.store.next_queued(conversation_id)
+        except Exception:
+            log.exception("engine.next_queued_failed", conversation_id=str(conversation_id))
+            return
+        if job is not None:
+            self.launch(job)
+
+    async def _renew_lease(self, key: str) -> None:
+        interval = self.lease_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await self.backends.leases.renew(key, self.instance_id, self.lease_s):
+                    log.warning("engine.lease_lost", key=key)
+            except Exception:
+                log.warning("engine.lease_renew_failed", key=key)
+
+    # -- orphans -----------------------------------------------------------------------------
+
+    async def fail_if_orphaned(self, conversation_id: uuid.UUID, message_id: uuid.UUID) -> bool:
+        """Store an answer that runs nowhere any more as `failed` (partial text from its log)."""
+        if await self.is_running_anywhere(message_id):
+            return False
+        frames = await self.backends.event_log.read_after(message_id, 0) or []
+        if any(frame.is_final for frame in frames):
+            return False
+        tokens = [frame for frame in frames if frame.type == "token"]
+        content = "".join(str(frame.data["content"]) for frame in tokens)
+        last_seq = max((frame.seq or 0 for frame in tokens), default=0)
+        result = AnswerResult(
+            job_conversation_id=conversation_id,
+            message_id=message_id,
+            outcome="failed",
+            content=content,
+            last_seq=last_seq + 1,
+            usage=None,
+            error_code="SERVICE_UNAVAILABLE",
+            error_detail="The server generating this answer stopped before it was finished",
+        )
+        log.warning("engine.orphan_failed", message_id=str(message_id), seq=last_seq)
+        await self._finish(result)
+        return True
+
+    async def reap_orphans(self) -> int:
+        """One pass: fail every `streaming` answer whose lease has expired."""
+        count = 0
+        for conversation_id, message_id in await self.store.streaming_answers(self.lease_s):
+            if message_id in self.running:
+                continue
+            try:
+                if await self.fail_if_orphaned(conversation_id, message_id):
+                    count += 1
+            except Exception:
+                log.exception("engine.reap_failed", message_id=str(message_id))
+        return count
+
+    async def _reap_orphans_forever(self) -> None:
+        while True:
+            try:
+                await self.reap_orphans()
+            except Exception:
+                log.exception("engine.reaper_failed")
+            await asyncio.sleep(self.lease_s)

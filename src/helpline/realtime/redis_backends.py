@@ -1,0 +1,287 @@
+"""Redis implementations of the engine's backends, for several workers and instances.
+
+- Broker: Redis pub/sub, one channel per conversation; an instance subscribes to a conversation's
+  channel while it has local subscribers. Frames go to local subscribers first, so the clients of
+  the instance running an answer keep getting it while Redis is away.
+- Event log: a Redis Stream per answer (entry id `<seq>-0`) with a TTL, so `resume` works on
+  any instance, also after the instance that generated the answer died.
+- Leases: `SET NX PX`, renewed and released only by their owner (Lua compare-and-set).
+- Control bus: one pub/sub channel; commands are handled locally at once and then published.
+
+The subscriber loops reconnect with backoff after Redis restarts and resubscribe every channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import Any
+
+import orjson
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from helpline.core.config import Settings
+from helpline.realtime.backends import (
+    Backends,
+    ControlHandler,
+    FrameListener,
+    LocalSubscribers,
+    Unsubscribe,
+)
+from helpline.realtime.frames import Frame
+
+log = structlog.get_logger(__name__)
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+RECONNECT_MAX_S = 2.0
+
+
+class _Subscriber:
+    """A pub/sub connection whose reader survives Redis restarts."""
+
+    def __init__(self, redis: Redis, name: str, on_message: Any) -> None:
+        self.redis = redis
+        self.name = name
+        self.on_message = on_message
+        self.pubsub: PubSub = redis.pubsub(ignore_subscribe_messages=True)
+        self.channels: set[bytes] = set()
+        self.connected = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, *channels: bytes) -> None:
+        self.channels.update(channels)
+        self._task = asyncio.create_task(self._read_forever(), name=f"redis-{self.name}")
+
+    async def subscribe(self, channel: bytes) -> None:
+        self.channels.add(channel)
+        if self.connected:
+            with contextlib.suppress(Exception):
+                await self.pubsub.subscribe(channel)
+
+    async def unsubscribe(self, channel: bytes) -> None:
+        self.channels.discard(channel)
+        if self.connected:
+            with contextlib.suppress(Exception):
+                await self.pubsub.unsubscribe(channel)
+
+    async def _read_forever(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                if not self.connected:
+                    await self.pubsub.reset()
+                    self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                    if self.channels:
+                        await self.pubsub.subscribe(*self.channels)
+                    else:
+                        await self.pubsub.ping()
+                    self.connected = True
+                    delay = 0.05
+                    log.info("redis.subscriber_connected", subscriber=self.name)
+                message = await self.pubsub.get_message(timeout=1.0)
+                if message is not None and message.get("type") == "message":
+                    self.on_message(message["data"])
+                elif message is None and not self.channels:
+                    await asyncio.sleep(0.5)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.connected:
+                    log.warning("redis.subscriber_lost", subscriber=self.name, error=str(exc))
+                self.connected = False
+                await asyncio.sleep(delay)
+                delay = min(RECONNECT_MAX_S, delay * 2)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self.pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+class RedisBroker:
+    def __init__(self, redis: Redis, prefix: str, instance_id: bytes) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.instance_id = instance_id
+        self.local = LocalSubscribers()
+        self._subscriber = _Subscriber(redis, "broker", self._on_message)
+        self._pending: set[asyncio.Task[None]] = set()
+
+    def channel(self, conversation_id: uuid.UUID) -> bytes:
+        return f"{self.prefix}conv:{conversation_id}".encode()
+
+    def subscribe(self, conversation_id: uuid.UUID, listener: FrameListener) -> Unsubscribe:
+        first = self.local.count(conversation_id) == 0
+        remove = self.local.add(conversation_id, listener)
+        if first:
+            self._spawn(self._subscriber.subscribe(self.channel(conversation_id)))
+
+        def unsubscribe() -> None:
+            remove()
+            if self.local.count(conversation_id) == 0:
+                self._spawn(self._subscriber.unsubscribe(self.channel(conversation_id)))
+
+        return unsubscribe
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def publish(self, frame: Frame) -> None:
+        self.local.deliver(frame)
+        try:
+            await self.redis.publish(
+                self.channel(frame.conversation_id), self.instance_id + b"|" + frame.to_wire()
+            )
+        except Exception as exc:
+            log.warning("redis.publish_failed", error=str(exc))
+
+    def _on_message(self, data: bytes) -> None:
+        origin, _, wire = data.partition(b"|")
+        if origin == self.instance_id:
+            return
+        self.local.deliver(Frame.from_wire(wire))
+
+    def local_subscriber_count(self, conversation_id: uuid.UUID) -> int:
+        return self.local.count(conversation_id)
+
+    async def start(self) -> None:
+        await self._subscriber.start()
+
+    async def close(self) -> None:
+        await self._subscriber.close()
+        for task in list(self._pending):
+            task.cancel()
+
+    async def healthy(self) -> bool:
+        return self._subscriber.connected
+
+
+class RedisEventLog:
+    def __init__(self, redis: Redis, prefix: str, retention_s: int) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.retention_s = retention_s
+
+    def key(self, message_id: uuid.UUID) -> str:
+        return f"{self.prefix}log:{message_id}"
+
+    async def append(self, message_id: uuid.UUID, frame: Frame) -> None:
+        key = self.key(message_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xadd(key, {b"f": frame.to_wire()}, id=f"{frame.seq}-0")
+            pipe.expire(key, self.retention_s)
+            await pipe.execute()
+
+    async def read_after(self, message_id: uuid.UUID, after_seq: int) -> list[Frame] | None:
+        key = self.key(message_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(key)
+            pipe.xrange(key, min=f"{after_seq + 1}-0", max="+")
+            exists, entries = await pipe.execute()
+        if not exists:
+            return None
+        return [Frame.from_wire(fields[b"f"]) for _, fields in entries]
+
+    async def seal(self, message_id: uuid.UUID) -> None:
+        await self.redis.expire(self.key(message_id), self.retention_s)
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisLeaseStore:
+    def __init__(self, redis: Redis, prefix: str) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}lease:{key}"
+
+    async def acquire(self, key: str, owner: str, ttl_s: float) -> bool:
+        return bool(await self.redis.set(self._key(key), owner, nx=True, px=int(ttl_s * 1000)))
+
+    async def renew(self, key: str, owner: str, ttl_s: float) -> bool:
+        return bool(await self._renew(keys=[self._key(key)], args=[owner, int(ttl_s * 1000)]))
+
+    async def release(self, key: str, owner: str) -> None:
+        await self._release(keys=[self._key(key)], args=[owner])
+
+    async def holder(self, key: str) -> str | None:
+        value = await self.redis.get(self._key(key))
+        if value is None:
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisControlBus:
+    def __init__(self, redis: Redis, prefix: str, instance_id: bytes) -> None:
+        self.redis = redis
+        self.channel = f"{prefix}control".encode()
+        self.instance_id = instance_id
+        self._handlers: list[ControlHandler] = []
+        self._subscriber = _Subscriber(redis, "control", self._on_message)
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def send(self, command: dict[str, Any]) -> None:
+        await self._dispatch(command)
+        try:
+            await self.redis.publish(self.channel, self.instance_id + b"|" + orjson.dumps(command))
+        except Exception as exc:
+            log.warning("redis.control_publish_failed", error=str(exc))
+
+    def listen(self, handler: ControlHandler) -> None:
+        self._handlers.append(handler)
+
+    def _on_message(self, data: bytes) -> None:
+        origin, _, payload = data.partition(b"|")
+        if origin == self.instance_id:
+            return
+        task = asyncio.get_running_loop().create_task(self._dispatch(orjson.loads(payload)))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _dispatch(self, command: dict[str, Any]) -> None:
+        for handler in self._handlers:
+            try:
+                await handler(command)
+            except Exception:
+                log.exception("realtime.control_handler_failed", command=command.get("kind"))
+
+    async def start(self) -> None:
+        await self._subscriber.start(self.channel)
+
+    async def close(self) -> None:
+        await self._subscriber.close()
+
+
+def create_redis_backends(redis: Redis, settings: Settings) -> Backends:
+    prefix = f"{settings.redis_key_prefix}rt:"
+    instance_id = uuid.uuid4().hex.encode()
+    return Backends(
+        broker=RedisBroker(redis, prefix, instance_id),
+        event_log=RedisEventLog(redis, prefix, settings.event_log_ttl_s),
+        leases=RedisLeaseStore(redis, prefix),
+        control=RedisControlBus(redis, prefix, instance_id),
+        shared=True,
+    )

@@ -1,0 +1,235 @@
+"""Streaming endpoints: the chat WebSocket and the Server-Sent Events streams.
+
+SSE (`POST/GET /conversations/{id}/stream`): each answer event is `id: <message_id>:<seq>` and
+`data: <frame JSON>`; other events (the stored user `message`) have no `id`; `: keep-alive`
+comments are sent while idle; the stream ends after the answer's final event. A plain
+`StreamingResponse` serves it: it measured well ahead of sse-starlette here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import structlog
+from fastapi import APIRouter, Header, Query, Request, WebSocket
+from fastapi.responses import StreamingResponse
+
+from helpline.auth.dependencies import CurrentUser, authenticate_websocket
+from helpline.conversations import service as conversations_service
+from helpline.conversations.dependencies import OwnedConversation
+from helpline.conversations.exceptions import AnswerNotFound
+from helpline.conversations.schemas import MessageCreate
+from helpline.core import metrics
+from helpline.core.database import DbSession, unit_of_work
+from helpline.core.errors import AppError, BadRequest, Forbidden, NotFound, error_responses
+from helpline.realtime import service as realtime_service
+from helpline.realtime.connection import CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, CLOSE_UNAUTHORIZED
+from helpline.realtime.dependencies import Engine
+from helpline.realtime.engine import GenerationEngine
+from helpline.realtime.frames import Frame, message_frame
+from helpline.realtime.websocket import ChatConnection
+
+log = structlog.get_logger(__name__)
+
+router = APIRouter(tags=["streaming"])
+
+SSE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: don't buffer the stream
+    "Connection": "keep-alive",
+}
+_LAST_EVENT_ID = re.compile(r"^([0-9a-fA-F-]{36}):(\d+)$")
+
+
+@router.websocket("/chat/ws/{conversation_id}")
+async def chat_websocket(websocket: WebSocket, conversation_id: str) -> None:
+    """The chat socket of a conversation (frames in `helpline.realtime.websocket`)."""
+    app_state = websocket.app.state
+    settings = app_state.settings
+    origin = websocket.headers.get("origin")
+    if settings.cors_origins and origin and origin not in settings.cors_origins:
+        await websocket.close(code=1008)  # before accepting: the handshake is refused with 403
+        return
+    await websocket.accept()
+    try:
+        identity = await authenticate_websocket(websocket)
+    except AppError:
+        await websocket.close(code=CLOSE_UNAUTHORIZED, reason="Unauthorized")
+        return
+    try:
+        conversation_uuid = uuid.UUID(conversation_id)
+    except ValueError:
+        await websocket.close(code=CLOSE_NOT_FOUND, reason="Conversation not found")
+        return
+    try:
+        async with unit_of_work(app_state.sessionmaker) as session:
+            conversation = await conversations_service.get_conversation(
+                session, user=identity.user, conversation_id=conversation_uuid
+            )
+    except Forbidden:
+        await websocket.close(code=CLOSE_FORBIDDEN, reason="Forbidden")
+        return
+    except NotFound:
+        await websocket.close(code=CLOSE_NOT_FOUND, reason="Conversation not found")
+        return
+    connection = ChatConnection(
+        websocket,
+        identity=identity,
+        conversation=conversation,
+        engine=app_state.generation_engine,
+        sessionmaker=app_state.sessionmaker,
+        settings=settings,
+        frame_limiter=app_state.ws_frame_limiter,
+        before_chat=app_state.before_model_call,
+    )
+    registry = app_state.ws_connections
+    registry.add(connection)
+    try:
+        await connection.run()
+    finally:
+        registry.discard(connection)
+
+
+async def _sse_stream(
+    *,
+    request: Request,
+    engine: GenerationEngine,
+    first: Frame | None,
+    conversation_id: uuid.UUID,
+    message_id: uuid.UUID | None,
+    after_seq: int,
+) -> AsyncIterator[bytes]:
+    keepalive = request.app.state.settings.sse_keepalive_s
+    metrics.SSE_STREAMS.inc()
+    try:
+        if first is not None:
+            yield first.sse()
+        if message_id is None:
+            return
+        frames = realtime_service.follow_answer(
+            engine=engine,
+            sessionmaker=request.app.state.sessionmaker,
+            conversation_id=conversation_id,
+            message_id=message_id,
+            after_seq=after_seq,
+        )
+        iterator = aiter(frames)
+        pending: asyncio.Task[Frame] | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(iterator))
+                done, _ = await asyncio.wait({pending}, timeout=keepalive)
+                if not done:
+                    yield b": keep-alive\n\n"
+                    continue
+                try:
+                    frame = pending.result()
+                except StopAsyncIteration:
+                    return
+                finally:
+                    pending = None
+                yield frame.sse()
+        finally:
+            if pending is not None:
+                pending.cancel()
+            await frames.aclose()
+    finally:
+        metrics.SSE_STREAMS.dec()
+
+
+def _sse_response(stream: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.post(
+    "/conversations/{conversation_id}/stream",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "The answer's events"},
+        **error_responses(401, 403, 404, 409, 422, 429, 503),
+    },
+)
+async def stream_message(
+    conversation: OwnedConversation,
+    body: MessageCreate,
+    request: Request,
+    user: CurrentUser,
+    engine: Engine,
+) -> StreamingResponse:
+    """Send a message and stream the stored message, then the answer's events (SSE)."""
+    settings = request.app.state.settings
+    if user.id == conversation.user_id:
+        await request.app.state.before_model_call(user)
+    result = await conversations_service.post_message(
+        request.app.state.sessionmaker,
+        engine=engine,
+        queue_when_busy=settings.generation_policy == "queue",
+        author=user,
+        conversation_id=conversation.id,
+        content=body.content,
+        client_message_id=body.client_message_id,
+    )
+    first = message_frame(conversation.id, conversations_service.message_json(result.user_message))
+    return _sse_response(
+        _sse_stream(
+            request=request,
+            engine=engine,
+            first=first,
+            conversation_id=conversation.id,
+            message_id=result.answer_id,
+            after_seq=0,
+        )
+    )
+
+
+@router.get(
+    "/conversations/{conversation_id}/stream",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "The answer's events"},
+        **error_responses(400, 401, 403, 404),
+    },
+)
+async def reattach_stream(
+    conversation: OwnedConversation,
+    request: Request,
+    session: DbSession,
+    engine: Engine,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    message_id: Annotated[uuid.UUID | None, Query()] = None,
+    after: Annotated[int | None, Query(ge=0)] = None,
+) -> StreamingResponse:
+    """Re-attach to an answer: after `Last-Event-ID` (or `?message_id=&after=`), else the latest."""
+    after_seq = 0
+    if last_event_id:
+        match = _LAST_EVENT_ID.match(last_event_id.strip())
+        if match is None:
+            raise BadRequest(
+                "Last-Event-ID must be `<message_id>:<seq>`", details={"value": last_event_id}
+            )
+        message_id, after_seq = uuid.UUID(match.group(1)), int(match.group(2))
+    elif message_id is not None:
+        after_seq = after or 0
+    if message_id is None:
+        answer = await conversations_service.latest_answer(session, conversation.id)
+    else:
+        answer = await conversations_service.get_message(session, message_id)
+        if answer is not None and answer.conversation_id != conversation.id:
+            answer = None
+    if answer is None or answer.role != "assistant":
+        raise AnswerNotFound()
+    return _sse_response(
+        _sse_stream(
+            request=request,
+            engine=engine,
+            first=None,
+            conversation_id=conversation.id,
+            message_id=answer.id,
+            after_seq=after_seq,
+        )
+    )

@@ -1,0 +1,374 @@
+"""One chat WebSocket: a task reading the client's frames and one writing the server's.
+
+Client → server frames (JSON text):
+
+- `{"type": "chat", "content", "message_id"}` — send a message (idempotent by `message_id`)
+- `{"type": "ping"}` — answered with `{"type": "pong"}`
+- `{"type": "cancel"}` — stop the answer being generated
+- `{"type": "resume", "message_id", "after_seq"}` — replay an answer after `after_seq`, then live
+- `{"type": "typing"}` — relayed to the others as `{"type": "typing", "user_id"}`
+
+Server frames are those of `helpline.realtime.frames`. A bad frame gets an `error` frame and the
+socket stays open. Close codes: `4001` auth failed, expired or revoked; `4003` not the user's
+conversation; `4004` unknown conversation; `4008` slow consumer; `1001` server shutting down.
+
+Fan-out never waits on this socket: the broker drops frames into its bounded `FrameQueue`, and
+only this socket's writer waits for it, with a send timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal
+
+import structlog
+from limits import parse
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from helpline.auth.dependencies import WebSocketIdentity
+from helpline.auth.models import User
+from helpline.conversations import service as conversations_service
+from helpline.conversations.models import Conversation
+from helpline.conversations.schemas import ClientMessageId, MessageContent
+from helpline.core import metrics
+from helpline.core.config import Settings
+from helpline.core.database import unit_of_work
+from helpline.core.errors import AppError
+from helpline.realtime import service as realtime_service
+from helpline.realtime.connection import (
+    CLOSE_SLOW_CONSUMER,
+    CLOSE_UNAUTHORIZED,
+    FrameQueue,
+    QueueClosed,
+    SlowConsumer,
+)
+from helpline.realtime.engine import GenerationEngine
+from helpline.realtime.frames import Frame, dumps, error_data, message_frame, typing_frame
+
+log = structlog.get_logger(__name__)
+
+LAG_SAMPLE_EVERY = 16
+CLOSE_ALL_WAIT_S = 5.0
+
+
+class ChatFrame(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["chat"]
+    content: MessageContent
+    message_id: ClientMessageId | None = None
+
+
+class ResumeFrame(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["resume"]
+    message_id: uuid.UUID
+    after_seq: int = Field(ge=0)
+
+
+class SimpleFrame(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["ping", "cancel", "typing"]
+
+
+ClientFrame = TypeAdapter(
+    Annotated[ChatFrame | ResumeFrame | SimpleFrame, Field(discriminator="type")]
+)
+
+
+class FrameRateLimiter:
+    """Per-connection frame limits, in process (a socket lives on one instance)."""
+
+    def __init__(self, limit: str) -> None:
+        self.item = parse(limit)
+        self.strategy = MovingWindowRateLimiter(MemoryStorage())
+
+    async def allow(self, key: str) -> bool:
+        return await self.strategy.hit(self.item, "ws", key)
+
+
+class ConnectionRegistry:
+    """The chat sockets of this process, to close them by user, login or all at once."""
+
+    def __init__(self) -> None:
+        self.connections: set[ChatConnection] = set()
+
+    def add(self, connection: ChatConnection) -> None:
+        self.connections.add(connection)
+
+    def discard(self, connection: ChatConnection) -> None:
+        self.connections.discard(connection)
+
+    def close_matching(
+        self, predicate: Callable[[ChatConnection], bool], code: int, reason: str
+    ) -> int:
+        matched = [c for c in self.connections if predicate(c)]
+        for connection in matched:
+            connection.request_close(code, reason)
+        return len(matched)
+
+    async def close_all(self, code: int, reason: str) -> None:
+        connections = list(self.connections)
+        for connection in connections:
+            connection.request_close(code, reason)
+        waits = [c.finished.wait() for c in connections]
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_ALL_WAIT_S):
+                    await asyncio.gather(*waits)
+
+
+class ChatConnection:
+    def __init__(
+        self,
+        websocket: WebSocket,
+        *,
+        identity: WebSocketIdentity,
+        conversation: Conversation,
+        engine: GenerationEngine,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        settings: Settings,
+        frame_limiter: FrameRateLimiter,
+        before_chat: Callable[[User], Awaitable[None]] | None = None,
+    ) -> None:
+        self.websocket = websocket
+        self.identity = identity
+        self.user = identity.user
+        self.conversation_id = conversation.id
+        self.owner_id = conversation.user_id
+        self.engine = engine
+        self.sessionmaker = sessionmaker
+        self.settings = settings
+        self.frame_limiter = frame_limiter
+        self.before_chat = before_chat
+        self.id = uuid.uuid4().hex
+        self.queue = FrameQueue(settings.ws_send_queue_size)
+        self.finished = asyncio.Event()
+        self._close: tuple[int, str] | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._sent = 0
+
+    @property
+    def login_id(self) -> uuid.UUID | None:
+        return self.identity.login_id
+
+    def request_close(self, code: int, reason: str) -> None:
+        """Close the socket soon (from any task): stops both loops and sends the close frame."""
+        if self._close is None:
+            self._close = (code, reason)
+        for task in self._tasks:
+            task.cancel()
+
+    def _on_frame(self, frame: Frame) -> None:
+        # Typing indicators go to the other participants only.
+        if frame.type == "typing" and frame.data.get("user_id") == str(self.user.id):
+            return
+        self.queue.put(frame)
+
+    def _send_own(self, data: dict[str, Any]) -> None:
+        """A frame for this socket alone (pong, error)."""
+        self.queue.put(Frame(data=data, conversation_id=self.conversation_id))
+
+    async def run(self) -> None:
+        metrics.WEBSOCKET_CONNECTIONS.inc()
+        unsubscribe = self.engine.subscribe(self.conversation_id, self._on_frame)
+        expiry: asyncio.TimerHandle | None = None
+        if self.identity.expires_at is not None:
+            delay = self.identity.expires_at.timestamp() - time.time()
+            expiry = asyncio.get_running_loop().call_later(
+                max(0.0, delay), self.request_close, CLOSE_UNAUTHORIZED, "Token expired"
+            )
+        self._tasks = [
+            asyncio.create_task(self._read_loop(), name=f"ws-read-{self.id}"),
+            asyncio.create_task(self._write_loop(), name=f"ws-write-{self.id}"),
+        ]
+        try:
+            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+            unsubscribe()
+            self.queue.close()
+            metrics.WEBSOCKET_CONNECTIONS.dec()
+            await self._send_close()
+            self.finished.set()
+
+    async def _send_close(self) -> None:
+        if self._close is None or self.websocket.application_state != WebSocketState.CONNECTED:
+            return
+        code, reason = self._close
+        # A client that stopped reading may never take the close frame: don't wait for it.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(1.0):
+                await self.websocket.close(code=code, reason=reason)
+
+    async def _write_loop(self) -> None:
+        timeout = self.settings.ws_send_timeout_s
+        websocket = self.websocket
+        try:
+            while True:
+                frame = await self.queue.get()
+                async with asyncio.timeout(timeout):
+                    await websocket.send_text(frame.encoded())
+                self._count_sent(frame)
+        except (SlowConsumer, TimeoutError):
+            metrics.WEBSOCKET_SLOW_CONSUMERS.inc()
+            log.info("ws.slow_consumer", connection=self.id, user_id=str(self.user.id))
+            if self._close is None:
+                self._close = (CLOSE_SLOW_CONSUMER, "slow consumer")
+        except (QueueClosed, WebSocketDisconnect, RuntimeError):
+            return
+
+    def _count_sent(self, frame: Frame) -> None:
+        self._sent += 1
+        kind = frame.type
+        metrics.WEBSOCKET_FRAMES.labels(direction="out", type=kind).inc()
+        if kind != "token" or self._sent % LAG_SAMPLE_EVERY == 0:
+            metrics.EVENT_DELIVERY_LAG.observe(max(0.0, time.time() - frame.created_at))
+
+    async def _read_loop(self) -> None:
+        websocket = self.websocket
+        max_bytes = self.settings.ws_max_frame_bytes
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                self._send_own(error_data("BAD_REQUEST", "Frames must be JSON text"))
+                continue
+            metrics.WEBSOCKET_FRAMES.labels(direction="in", type="any").inc()
+            if len(text) > max_bytes or len(text.encode()) > max_bytes:
+                self._send_own(
+                    error_data("PAYLOAD_TOO_LARGE", f"Frames are limited to {max_bytes} bytes")
+                )
+                continue
+            if not await self.frame_limiter.allow(self.id):
+                self._send_own(
+                    error_data(
+                        "RATE_LIMITED",
+                        f"Too many frames (limit {self.settings.ws_rate_limit}); slow down",
+                    )
+                )
+                continue
+            await self._handle(text)
+
+    async def _handle(self, text: str) -> None:
+        reply_to: str | None = None
+        try:
+            raw = json.loads(text)
+            if isinstance(raw, dict) and isinstance(raw.get("message_id"), str):
+                reply_to = raw["message_id"] if raw.get("type") == "chat" else None
+            frame = ClientFrame.validate_python(raw)
+        except (ValueError, ValidationError) as exc:
+            self._send_own(error_data("BAD_REQUEST", _describe(exc), reply_to))
+            return
+        try:
+            if isinstance(frame, ChatFrame):
+                await self._chat(frame)
+            elif isinstance(frame, ResumeFrame):
+                await self._resume(frame)
+            elif frame.type == "ping":
+                self._send_own({"type": "pong"})
+            elif frame.type == "cancel":
+                await self._cancel()
+            else:
+                await self.engine.publish(typing_frame(self.conversation_id, self.user.id))
+        except AppError as exc:
+            self._send_own(error_data(exc.code, exc.message, reply_to))
+        except Exception:
+            log.exception("ws.frame_failed", frame_type=getattr(frame, "type", None))
+            self._send_own(error_data("INTERNAL_ERROR", "The frame could not be handled", reply_to))
+
+    async def _chat(self, frame: ChatFrame) -> None:
+        if self.before_chat is not None and self.user.id == self.owner_id:
+            await self.before_chat(self.user)
+        result = await conversations_service.post_message(
+            self.sessionmaker,
+            engine=self.engine,
+            queue_when_busy=self.settings.generation_policy == "queue",
+            author=self.user,
+            conversation_id=self.conversation_id,
+            content=frame.content,
+            client_message_id=frame.message_id,
+        )
+        if result.created:
+            return  # the message frame and the answer reach every socket through the broker
+        # A resend: this socket alone gets the stored message and the earlier answer.
+        self.queue.put(
+            message_frame(
+                self.conversation_id, conversations_service.message_json(result.user_message)
+            )
+        )
+        if result.answer_id is not None:
+            await realtime_service.replay_into(
+                self.queue,
+                engine=self.engine,
+                sessionmaker=self.sessionmaker,
+                conversation_id=self.conversation_id,
+                message_id=result.answer_id,
+                after_seq=self.queue.taken_seq(str(result.answer_id)),
+            )
+
+    async def _resume(self, frame: ResumeFrame) -> None:
+        async with unit_of_work(self.sessionmaker) as session:
+            message = await conversations_service.get_message(session, frame.message_id)
+        if message is None or message.conversation_id != self.conversation_id:
+            self._send_own(
+                error_data("NOT_FOUND", f"No answer {frame.message_id} in this conversation")
+            )
+            return
+        if message.role != "assistant":
+            self._send_own(error_data("BAD_REQUEST", "Only an assistant answer can be resumed"))
+            return
+        if message.status != "streaming" and frame.after_seq > message.last_seq:
+            self._send_own(
+                error_data(
+                    "BAD_REQUEST",
+                    f"after_seq {frame.after_seq} is past the answer's last event "
+                    f"({message.last_seq})",
+                )
+            )
+            return
+        await realtime_service.replay_into(
+            self.queue,
+            engine=self.engine,
+            sessionmaker=self.sessionmaker,
+            conversation_id=self.conversation_id,
+            message_id=frame.message_id,
+            after_seq=frame.after_seq,
+        )
+
+    async def _cancel(self) -> None:
+        async with unit_of_work(self.sessionmaker) as session:
+            conversation = await conversations_service.get_conversation(
+                session, user=self.user, conversation_id=self.conversation_id
+            )
+            await conversations_service.cancel_answer(
+                session, engine=self.engine, conversation=conversation
+            )
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        parts = []
+        for error in exc.errors()[:3]:
+            where = ".".join(str(p) for p in error["loc"]) or "frame"
+            parts.append(f"{where}: {error['msg']}")
+        return "Invalid frame: " + "; ".join(parts)
+    return "Frames must be JSON objects with a known `type`"
+
+
+def encode_error(code: str, message: str) -> str:
+    return dumps(error_data(code, message))
