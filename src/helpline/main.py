@@ -11,8 +11,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
 
+from helpline.agents.factory import create_answerer, create_chat_model
+from helpline.agents.health import check_llm
 from helpline.auth.revocation import create_revocations
-from helpline.core import health, lifecycle
+from helpline.conversations.service import ConversationAnswerStore
+from helpline.core import health, lifecycle, metrics, telemetry
 from helpline.core.config import Settings, get_settings
 from helpline.core.database import create_engine, create_sessionmaker, is_connection_error
 from helpline.core.errors import error_response, register_exception_handlers
@@ -20,6 +23,11 @@ from helpline.core.limiter import RateLimiter, create_storage
 from helpline.core.logging import configure_logging
 from helpline.core.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from helpline.core.redis import create_redis
+from helpline.realtime.backends import create_backends
+from helpline.realtime.connection import CLOSE_GOING_AWAY
+from helpline.realtime.engine import GenerationEngine
+from helpline.realtime.service import close_revoked_sockets, model_call_guard
+from helpline.realtime.websocket import ConnectionRegistry, FrameRateLimiter
 
 log = structlog.get_logger(__name__)
 
@@ -32,6 +40,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine = create_engine(settings)
     app.state.engine = engine
     app.state.sessionmaker = create_sessionmaker(engine)
+    telemetry.setup_tracing(app, settings, engine)
     app.state.redis = create_redis(settings)
     app.state.limiter = RateLimiter(
         create_storage(settings), fail_open=settings.rate_limit_fail_open
@@ -43,6 +52,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.lifecycle = lifecycle.Lifecycle(settings.shutdown_grace_s)
     lifecycle.set_current(app.state.lifecycle)
     lifecycle.install_signal_handlers(app.state.lifecycle)
+    await _start_generation(app, settings)
     log.info(
         "app.started",
         environment=settings.environment.value,
@@ -55,10 +65,47 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         await app.state.lifecycle.drain()
         lifecycle.set_current(None)
+        await app.state.generation_engine.close()
+        if app.state.chat_model is not None:
+            await app.state.chat_model.aclose()
         if app.state.redis is not None:
             await app.state.redis.aclose()
         await engine.dispose()
+        metrics.mark_worker_dead()
         log.info("app.stopped")
+
+
+async def _start_generation(app: FastAPI, settings: Settings) -> None:
+    """The generation engine, its answerer and store, sockets, limits and drain."""
+    chat_model = create_chat_model(settings)
+    answerer = create_answerer(settings, chat_model)
+    app.state.chat_model = chat_model
+    store = ConversationAnswerStore(
+        app.state.sessionmaker,
+        queue_when_busy=settings.generation_policy == "queue",
+        model=answerer.model,
+    )
+    engine = GenerationEngine(
+        backends=create_backends(settings, app.state.redis),
+        answerer=answerer,
+        store=store,
+        lease_s=settings.generation_lease_s,
+        provider=settings.llm_provider,
+    )
+    await engine.start()
+    app.state.generation_engine = engine
+    registry = ConnectionRegistry()
+    app.state.ws_connections = registry
+    app.state.ws_frame_limiter = FrameRateLimiter(settings.ws_rate_limit)
+    app.state.before_model_call = model_call_guard(app.state.limiter, settings)
+    close_revoked_sockets(app.state.revocations, engine, registry)
+    app.state.health_checks["llm"] = check_llm
+
+    async def drain(deadline: float) -> None:
+        await engine.drain(deadline)
+        await registry.close_all(CLOSE_GOING_AWAY, "server shutting down")
+
+    app.state.lifecycle.on_drain("generation", drain)
 
 
 async def _handle_database_error(_: Request, exc: Exception) -> JSONResponse:
@@ -72,11 +119,16 @@ async def _handle_database_error(_: Request, exc: Exception) -> JSONResponse:
 def include_routers(app: FastAPI) -> None:
     from helpline.auth.router import admin_router as auth_admin_router
     from helpline.auth.router import router as auth_router
+    from helpline.conversations.router import router as conversations_router
     from helpline.core.health import router as health_router
+    from helpline.realtime.router import router as realtime_router
 
     app.include_router(health_router)
     app.include_router(auth_router)
     app.include_router(auth_admin_router)
+    app.include_router(conversations_router)
+    app.include_router(realtime_router)
+    app.include_router(metrics.router)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -125,5 +177,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
         )
     app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(metrics.MetricsMiddleware)
+    telemetry.setup_tracing(app, settings)
     include_routers(app)
     return app
