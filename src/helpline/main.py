@@ -13,13 +13,14 @@ from sqlalchemy.exc import DBAPIError
 
 from helpline.agents.factory import create_answerer, create_chat_model
 from helpline.agents.health import check_llm
+from helpline.auth.dependencies import rate_limit_key
 from helpline.auth.revocation import create_revocations
 from helpline.conversations.service import ConversationAnswerStore
 from helpline.core import health, lifecycle, metrics, telemetry
 from helpline.core.config import Settings, get_settings
 from helpline.core.database import create_engine, create_sessionmaker, is_connection_error
 from helpline.core.errors import error_response, register_exception_handlers
-from helpline.core.limiter import RateLimiter, create_storage
+from helpline.core.limiter import RateLimiter, RateLimitMiddleware, create_storage
 from helpline.core.logging import configure_logging
 from helpline.core.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from helpline.core.redis import create_redis
@@ -97,7 +98,9 @@ async def _start_generation(app: FastAPI, settings: Settings) -> None:
     registry = ConnectionRegistry()
     app.state.ws_connections = registry
     app.state.ws_frame_limiter = FrameRateLimiter(settings.ws_rate_limit)
-    app.state.before_model_call = model_call_guard(app.state.limiter, settings)
+    app.state.before_model_call = model_call_guard(
+        app.state.limiter, settings, app.state.sessionmaker
+    )
     close_revoked_sockets(app.state.revocations, engine, registry)
     app.state.health_checks["llm"] = check_llm
 
@@ -160,6 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return settings.max_request_bytes
 
     # Added innermost first: the request context wraps everything, CORS answers pre-flights.
+    app.add_middleware(RateLimitMiddleware, key_func=rate_limit_key)
     app.add_middleware(BodySizeLimitMiddleware, limit_for=body_limit_for)
     if settings.cors_origins:
         app.add_middleware(

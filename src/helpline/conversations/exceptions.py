@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from helpline.core.errors import Conflict, Forbidden, NotFound
+from helpline.core.errors import Conflict, Forbidden, NotFound, RateLimited
 
 
 class ConversationNotFound(NotFound):
@@ -44,3 +44,8 @@ class NotAssigned(Forbidden):
 class AnswerNotFound(NotFound):
     code = "NOT_FOUND"
     message = "This conversation has no answer yet"
+
+
+class TokenBudgetExceeded(RateLimited):
+    code = "TOKEN_BUDGET_EXCEEDED"
+    message = "Your daily token budget is used up; it resets at midnight UTC"

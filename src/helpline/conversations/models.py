@@ -112,3 +112,15 @@ class Message(IdMixin, TimestampMixin, Base):
     last_seq: Mapped[int] = mapped_column(default=0)
     error_code: Mapped[str | None] = mapped_column(String(64))
     model: Mapped[str | None] = mapped_column(String(200))
+
+
+class TokenUsage(Base):
+    """Tokens a user's answers used on one UTC day (for `TOKEN_BUDGET_DAILY`)."""
+
+    __tablename__ = "token_usage"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    day: Mapped[str] = mapped_column(String(10), primary_key=True)  # YYYY-MM-DD, UTC
+    tokens: Mapped[int] = mapped_column(default=0)

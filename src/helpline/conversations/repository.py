@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from helpline.conversations.models import (
@@ -15,6 +17,7 @@ from helpline.conversations.models import (
     Message,
     MessageRole,
     MessageStatus,
+    TokenUsage,
 )
 from helpline.kit.pagination import paginate, split_page
 
@@ -215,3 +218,25 @@ async def touch_conversation(
             .where(Conversation.id == conversation_id, Conversation.first_answer_at.is_(None))
             .values(first_answer_at=moment)
         )
+
+
+async def add_token_usage(
+    session: AsyncSession, *, user_id: uuid.UUID, day: str, tokens: int
+) -> None:
+    """Add to the day's usage in one upsert: concurrent answers never lose a charge."""
+    values = {"user_id": user_id, "day": day, "tokens": tokens}
+    is_postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
+    insert = postgresql_insert if is_postgres else sqlite_insert
+    pending = insert(TokenUsage).values(**values)
+    statement = pending.on_conflict_do_update(
+        index_elements=[TokenUsage.user_id, TokenUsage.day],
+        set_={"tokens": TokenUsage.tokens + pending.excluded.tokens},
+    )
+    await session.execute(statement)
+
+
+async def get_token_usage(session: AsyncSession, *, user_id: uuid.UUID, day: str) -> int:
+    value = await session.scalar(
+        select(TokenUsage.tokens).where(TokenUsage.user_id == user_id, TokenUsage.day == day)
+    )
+    return int(value or 0)

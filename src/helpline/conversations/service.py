@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -30,6 +30,7 @@ from helpline.conversations.exceptions import (
     InvalidTransition,
     NotAssigned,
     NothingToCancel,
+    TokenBudgetExceeded,
 )
 from helpline.conversations.models import (
     Conversation,
@@ -559,6 +560,28 @@ async def record_outcome(
     return outcome
 
 
+# -- token budgets ---------------------------------------------------------------------------
+
+
+def usage_day(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%d")
+
+
+async def check_token_budget(session: AsyncSession, *, user: User, budget: int) -> None:
+    """`429 TOKEN_BUDGET_EXCEEDED` once today's answers used `budget` tokens (0: no budget)."""
+    if budget <= 0:
+        return
+    now = utcnow()
+    used = await repository.get_token_usage(session, user_id=user.id, day=usage_day(now))
+    if used >= budget:
+        midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
+        retry_after = max(1, int((midnight - now).total_seconds()))
+        raise TokenBudgetExceeded(
+            headers={"Retry-After": str(retry_after)},
+            details={"budget": budget, "used": used},
+        )
+
+
 # -- the engine's store ----------------------------------------------------------------------
 
 
@@ -615,6 +638,16 @@ class ConversationAnswerStore:
                     now,
                     answered=bool(result.content),
                 )
+                # Charged with the stored usage, in the same transaction: cancelled and failed
+                # answers pay for what they streamed.
+                conversation = await repository.get_conversation(session, message.conversation_id)
+                if conversation is not None:
+                    await repository.add_token_usage(
+                        session,
+                        user_id=conversation.user_id,
+                        day=usage_day(now),
+                        tokens=usage.total_tokens,
+                    )
             await session.refresh(message)
             return StoredAnswer(
                 message=message_json(message), usage=usage, reply_to=message.reply_to

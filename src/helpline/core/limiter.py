@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -17,9 +18,13 @@ from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 from limits.storage import storage_from_string
+from starlette.datastructures import MutableHeaders
+from starlette.requests import HTTPConnection
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from helpline.core import metrics
 from helpline.core.config import Settings
-from helpline.core.errors import RateLimited, ServiceUnavailable
+from helpline.core.errors import RateLimited, ServiceUnavailable, error_response
 
 log = structlog.get_logger(__name__)
 
@@ -120,3 +125,55 @@ class RateLimiter:
                 headers=status.headers(),
             )
         return status
+
+
+KeyFunc = Callable[[HTTPConnection], str]
+EXEMPT_PREFIXES = ("/health", "/metrics", "/docs", "/redoc", "/openapi.json")
+
+
+class RateLimitMiddleware:
+    """`RATE_LIMIT_DEFAULT` on every API request, keyed by `key_func` (user, else client IP).
+
+    SlowAPI's conventions: `X-RateLimit-Limit/Remaining/Reset` on every limited response,
+    `429 RATE_LIMITED` with `Retry-After` past the limit. Probes, metrics and docs are exempt;
+    WebSocket frames have limits of their own.
+    """
+
+    def __init__(self, app: ASGIApp, key_func: KeyFunc) -> None:
+        self.app = app
+        self.key_func = key_func
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path", "").startswith(EXEMPT_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        limiter: RateLimiter = state.limiter
+        limit: str = state.settings.rate_limit_default
+        key = self.key_func(HTTPConnection(scope))
+        try:
+            status = await limiter.hit(limit, "api", key)
+        except ServiceUnavailable as exc:  # storage down and RATE_LIMIT_FAIL_OPEN=false
+            response = error_response(exc.status_code, exc.code, exc.message)
+            await response(scope, receive, send)
+            return
+        headers = status.headers()
+        if not status.allowed:
+            metrics.RATE_LIMITED.labels(scope="api").inc()
+            response = error_response(
+                429,
+                "RATE_LIMITED",
+                f"Rate limit exceeded: {limit}; retry in {status.retry_after} s",
+                headers=headers,
+            )
+            await response(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                response_headers = MutableHeaders(scope=message)
+                for name, value in headers.items():
+                    response_headers.setdefault(name, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

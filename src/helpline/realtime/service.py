@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from helpline.auth.models import User
 from helpline.auth.revocation import RevocationNotice, Revocations
 from helpline.conversations import service as conversations_service
+from helpline.conversations.exceptions import TokenBudgetExceeded
 from helpline.conversations.models import Message, MessageStatus
 from helpline.core import metrics
 from helpline.core.config import Settings
@@ -139,15 +140,27 @@ async def follow_answer(
         queue.close()
 
 
-def model_call_guard(limiter: RateLimiter, settings: Settings) -> ModelCallGuard:
+def model_call_guard(
+    limiter: RateLimiter,
+    settings: Settings,
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> ModelCallGuard:
     """The check every model-running endpoint makes first (REST, SSE, WebSocket `chat`).
 
-    One budget per user across all of them: `RATE_LIMIT_LLM`.
+    One rate limit per user across all of them (`RATE_LIMIT_LLM`), then the daily token budget.
     """
 
     async def guard(user: User) -> None:
         try:
             await limiter.enforce(settings.rate_limit_llm, "llm", str(user.id))
+            if settings.token_budget_daily > 0:
+                async with unit_of_work(sessionmaker) as session:
+                    await conversations_service.check_token_budget(
+                        session, user=user, budget=settings.token_budget_daily
+                    )
+        except TokenBudgetExceeded:
+            metrics.RATE_LIMITED.labels(scope="budget").inc()
+            raise
         except RateLimited:
             metrics.RATE_LIMITED.labels(scope="llm").inc()
             raise

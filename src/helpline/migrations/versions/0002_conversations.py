@@ -159,9 +159,23 @@ def upgrade() -> None:
             sqlite_where=sa.text("status = 'streaming'"),
             postgresql_where=sa.text("status = 'streaming'"),
         )
+    op.create_table(
+        "token_usage",
+        sa.Column("user_id", sa.Uuid(), nullable=False),
+        sa.Column("day", sa.String(length=10), nullable=False),
+        sa.Column("tokens", sa.Integer(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["user_id"],
+            ["users.id"],
+            name=op.f("fk_token_usage_user_id_users"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("user_id", "day", name=op.f("pk_token_usage")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("token_usage")
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.drop_index(
             "uq_messages_one_streaming_answer",
