@@ -12,15 +12,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated
 
+import jwt
 from fastapi import Depends, Request, WebSocket
 from fastapi.security import OAuth2PasswordBearer
 from fastapi.security.utils import get_authorization_scheme_param
-from starlette.requests import HTTPConnection
+from starlette.applications import Starlette
 
 from helpline.auth import service as auth_service
 from helpline.auth.exceptions import InactiveUser
 from helpline.auth.models import User, UserRole
-from helpline.auth.security import TokenCodec
+from helpline.auth.security import TokenCodec, hash_api_key, is_api_key
 from helpline.auth.service import Authentication, AuthEnvironment, ClientInfo
 from helpline.core.database import DbSession, unit_of_work
 from helpline.core.errors import Forbidden, NotAuthenticated
@@ -32,9 +33,9 @@ oauth2_scheme = OAuth2PasswordBearer(
 )
 
 
-def auth_environment(connection: HTTPConnection) -> AuthEnvironment:
-    """The auth collaborators of the app serving this request or socket."""
-    state = connection.app.state
+def auth_environment(app: Starlette) -> AuthEnvironment:
+    """The auth collaborators of `app` (built in its lifespan)."""
+    state = app.state
     return AuthEnvironment(
         settings=state.settings,
         codec=TokenCodec.from_settings(state.settings, state.jwt_secret),
@@ -45,7 +46,7 @@ def auth_environment(connection: HTTPConnection) -> AuthEnvironment:
 
 
 def get_auth_environment(request: Request) -> AuthEnvironment:
-    return auth_environment(request)
+    return auth_environment(request.app)
 
 
 def get_client_info(request: Request) -> ClientInfo:
@@ -138,9 +139,33 @@ async def authenticate_websocket(websocket: WebSocket) -> WebSocketIdentity:
     token = websocket_token(websocket)
     if not token:
         raise NotAuthenticated()
-    env = auth_environment(websocket)
+    env = auth_environment(websocket.app)
     async with unit_of_work(env.sessionmaker) as session:
         auth = await auth_service.authenticate(session, env=env, token=token)
     if not auth.user.is_active:
         raise InactiveUser()
     return WebSocketIdentity(user=auth.user, login_id=auth.login_id, expires_at=auth.expires_at)
+
+
+def rate_limit_key(connection: HTTPConnection) -> str:
+    """Who a request counts against: its user (token verified, no database), else its IP.
+
+    An invalid or expired token counts against the IP: it is refused later anyway.
+    """
+    scheme, credentials = get_authorization_scheme_param(connection.headers.get("authorization"))
+    token = credentials if scheme.lower() == "bearer" else connection.query_params.get("token")
+    if token:
+        if is_api_key(token):
+            return f"key:{hash_api_key(token)[:32]}"
+        state = connection.app.state
+        try:
+            claims = jwt.decode(
+                token,
+                state.jwt_secret,
+                algorithms=[state.settings.auth_jwt_algorithm],
+                options={"verify_exp": False},
+            )
+            return f"user:{claims['sub']}"
+        except (jwt.InvalidTokenError, KeyError):
+            pass
+    return f"ip:{connection.client.host if connection.client else 'unknown'}"
