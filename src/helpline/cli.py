@@ -68,6 +68,9 @@ def serve(
     from helpline import bootstrap
 
     asyncio.run(bootstrap.prepare(settings))
+    from helpline.core import metrics
+
+    metrics.prepare_multiprocess_dir(settings)  # before the workers start: they inherit it
     uvicorn.run(
         "helpline.main:create_app",
         factory=True,

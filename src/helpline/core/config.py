@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     otel_exporter_otlp_endpoint: str | None = None
     otel_service_name: str = "helpline"
     metrics_token: str | None = None
+    worker_metrics_port: int = Field(9101, ge=1, le=65535)
 
     # Limits
     rate_limit_default: str = "100/minute"
