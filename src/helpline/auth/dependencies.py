@@ -17,6 +17,7 @@ from fastapi import Depends, Request, WebSocket
 from fastapi.security import OAuth2PasswordBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.applications import Starlette
+from starlette.requests import HTTPConnection
 
 from helpline.auth import service as auth_service
 from helpline.auth.exceptions import InactiveUser
