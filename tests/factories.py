@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -10,6 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from helpline.auth.models import User, UserRole
 from helpline.auth.security import hash_password
+from helpline.core.config import Settings
+from helpline.core.database import create_engine, create_sessionmaker
 
 DEFAULT_PASSWORD = "correct-horse-battery"
 
@@ -61,3 +65,14 @@ async def login(
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+@asynccontextmanager
+async def open_session(settings: Settings) -> AsyncIterator[AsyncSession]:
+    """A session on its own engine, in the caller's event loop (a live server has its own)."""
+    engine = create_engine(settings)
+    try:
+        async with create_sessionmaker(engine)() as session:
+            yield session
+    finally:
+        await engine.dispose()

@@ -83,7 +83,7 @@ class _Subscriber:
         while True:
             try:
                 if not self.connected:
-                    await self.pubsub.reset()
+                    await self.pubsub.aclose()  # type: ignore[no-untyped-call]
                     self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                     if self.channels:
                         await self.pubsub.subscribe(*self.channels)
