@@ -24,7 +24,7 @@ MESSAGES = (
     ChatMessage(role="system", content="You are a helpful support assistant."),
     ChatMessage(role="user", content="How do I reset my password?"),
 )
-LONG = Script(chunks=[f" word{i}" for i in range(200)], delay_s=0.02)  # about 4 s
+LONG = Script(chunks=[f" word{i}" for i in range(500)], delay_s=0.02)  # 10 s or more
 
 
 async def collect(stream: AsyncIterator[TextDelta | Usage]) -> tuple[list[str], list[Usage]]:
@@ -114,7 +114,7 @@ async def test_a_hang_before_the_headers_is_retried(
 ) -> None:
     llm_server.enqueue(Script(hang_before_headers=True), Script(chunks=["Back", " again"]))
 
-    texts, _ = await collect(make_model(max_retries=1, timeout_s=0.3).stream(MESSAGES))
+    texts, _ = await collect(make_model(max_retries=1, timeout_s=1.0).stream(MESSAGES))
 
     assert "".join(texts) == "Back again"
     assert [r.outcome for r in llm_server.completion_requests] == ["closed_early", "complete"]
@@ -179,13 +179,13 @@ async def test_a_hang_mid_stream_fails_after_the_read_timeout(
     started = time.monotonic()
 
     texts, error = await collect_until_failure(
-        make_model(timeout_s=0.5, max_retries=2).stream(MESSAGES)
+        make_model(timeout_s=1.0, max_retries=2).stream(MESSAGES)
     )
 
     elapsed = time.monotonic() - started
     assert texts == ["One", " two"]
-    assert error.message == "The AI model did not respond within 0.5 s"
-    assert 0.4 < elapsed < 3.0
+    assert error.message == "The AI model did not respond within 1 s"
+    assert 0.9 < elapsed < 6.0
     assert len(llm_server.completion_requests) == 1  # text was out: no retry
 
 
@@ -252,8 +252,8 @@ async def test_cancellation_closes_the_upstream_connection(
     with pytest.raises(asyncio.CancelledError):
         await task
 
-    # The script would stream for 4 s more; the server sees the client leave at once.
-    assert await llm_server.async_wait_for_closed_early(1, within_s=1.0)
+    # The script would stream for 10 s more; the server sees the client leave at once.
+    assert await llm_server.async_wait_for_closed_early(1, within_s=3.0)
     [request] = llm_server.completion_requests
     assert request.outcome == "closed_early"
 
@@ -269,7 +269,7 @@ async def test_cancellation_before_the_headers_closes_the_connection(
     with pytest.raises(asyncio.CancelledError):
         await task
 
-    assert await llm_server.async_wait_for_closed_early(1, within_s=1.0)
+    assert await llm_server.async_wait_for_closed_early(1, within_s=3.0)
 
 
 async def test_closing_the_stream_early_closes_the_upstream_connection(
@@ -282,7 +282,7 @@ async def test_closing_the_stream_early_closes_the_upstream_connection(
     await stream.aclose()  # type: ignore[attr-defined]  # an async generator
 
     assert first == TextDelta(" word0")
-    assert await llm_server.async_wait_for_closed_early(1, within_s=1.0)
+    assert await llm_server.async_wait_for_closed_early(1, within_s=3.0)
 
 
 async def test_a_completed_stream_leaves_the_connection_for_reuse(
@@ -319,7 +319,7 @@ async def test_check_fails_when_the_server_hangs(
     llm_server.models_delay_s = 5.0
     started = time.monotonic()
 
-    with pytest.raises(LLMServiceError, match=r"did not respond within 0\.3 s"):
-        await make_model(check_timeout_s=0.3).check()
+    with pytest.raises(LLMServiceError, match=r"did not respond within 0\.5 s"):
+        await make_model(check_timeout_s=0.5).check()
 
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 4.0

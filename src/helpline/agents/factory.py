@@ -1,0 +1,88 @@
+"""The one place that turns `Settings` into the chat model and the answerer the engine runs.
+
+`create_chat_model` builds the provider client (`None` for providers that need no model);
+`create_answerer` looks `LLM_PROVIDER` up in `ANSWERER_BUILDERS`. Other answerers (the
+knowledge-base agent, the model-free `extractive` one) register their builder in that dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from helpline.agents.chat import ChatAnswerer
+from helpline.agents.exceptions import ConfigurationError
+from helpline.agents.providers import anthropic as anthropic_provider
+from helpline.agents.providers import fake as fake_provider
+from helpline.agents.providers import openai as openai_provider
+from helpline.agents.schemas import Answerer, ChatModel
+from helpline.core.config import Settings
+
+AnswererBuilder = Callable[[Settings, ChatModel | None], Answerer]
+
+DEFAULT_MODELS: dict[str, str] = {
+    "openai": openai_provider.DEFAULT_MODEL,
+    "anthropic": anthropic_provider.DEFAULT_MODEL,
+    "fake": fake_provider.DEFAULT_MODEL,
+}
+
+
+def model_name(settings: Settings) -> str:
+    """`LLM_MODEL`, or the provider's default model when it is empty."""
+    return settings.llm_model or DEFAULT_MODELS.get(settings.llm_provider, "")
+
+
+def create_chat_model(settings: Settings) -> ChatModel | None:
+    """The model provider client for `LLM_PROVIDER`, or `None` when it uses no model."""
+    provider = settings.llm_provider
+    if provider == "openai":
+        return openai_provider.OpenAIChatModel(
+            model=model_name(settings),
+            base_url=settings.llm_base_url,
+            api_key=settings.llm_api_key,
+            timeout_s=settings.llm_timeout_s,
+            connect_timeout_s=settings.llm_connect_timeout_s,
+            max_retries=settings.llm_max_retries,
+            max_tokens=settings.llm_max_tokens,
+            temperature=settings.llm_temperature,
+        )
+    if provider == "anthropic":
+        return anthropic_provider.AnthropicChatModel(
+            model=model_name(settings),
+            base_url=settings.llm_base_url,
+            api_key=settings.llm_api_key,
+            timeout_s=settings.llm_timeout_s,
+            connect_timeout_s=settings.llm_connect_timeout_s,
+            max_retries=settings.llm_max_retries,
+            max_tokens=settings.llm_max_tokens,
+        )
+    if provider == "fake":
+        return fake_provider.FakeChatModel(model=model_name(settings))
+    return None
+
+
+def build_chat_answerer(settings: Settings, chat_model: ChatModel | None) -> Answerer:
+    """The plain chat answerer over the configured model."""
+    if chat_model is None:
+        raise ConfigurationError(
+            f"LLM_PROVIDER={settings.llm_provider} needs a chat model, but none was built"
+        )
+    return ChatAnswerer(chat_model)
+
+
+ANSWERER_BUILDERS: dict[str, AnswererBuilder] = {
+    "openai": build_chat_answerer,
+    "anthropic": build_chat_answerer,
+    "fake": build_chat_answerer,
+}
+
+
+def create_answerer(settings: Settings, chat_model: ChatModel | None) -> Answerer:
+    """The answerer for `LLM_PROVIDER`; `ConfigurationError` when none is registered for it."""
+    builder = ANSWERER_BUILDERS.get(settings.llm_provider)
+    if builder is None:
+        available = ", ".join(sorted(ANSWERER_BUILDERS))
+        raise ConfigurationError(
+            f"LLM_PROVIDER={settings.llm_provider} is not available in this install; "
+            f"available: {available}"
+        )
+    return builder(settings, chat_model)

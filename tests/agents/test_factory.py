@@ -1,0 +1,101 @@
+"""Building the chat model and the answerer from `Settings`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from helpline.agents import factory
+from helpline.agents.chat import ChatAnswerer
+from helpline.agents.exceptions import ConfigurationError
+from helpline.agents.providers.anthropic import AnthropicChatModel
+from helpline.agents.providers.fake import FakeChatModel
+from helpline.agents.providers.openai import OpenAIChatModel
+from helpline.agents.schemas import Answerer, ChatModel
+from helpline.core.config import Settings
+
+
+def make_settings(**values: Any) -> Settings:
+    return Settings(_env_file=None, **values)
+
+
+@pytest.mark.parametrize(
+    ("provider", "model_class", "default_model"),
+    [
+        ("openai", OpenAIChatModel, "gpt-4.1-mini"),
+        ("anthropic", AnthropicChatModel, "claude-haiku-4-5"),
+        ("fake", FakeChatModel, "fake-1"),
+    ],
+)
+async def test_builds_the_provider_with_its_default_model(
+    provider: str, model_class: type, default_model: str
+) -> None:
+    model = factory.create_chat_model(make_settings(llm_provider=provider))
+
+    assert model is not None
+    assert isinstance(model, model_class)
+    assert (model.provider, model.model) == (provider, default_model)
+    await model.aclose()
+
+
+async def test_passes_the_llm_settings_to_the_provider() -> None:
+    settings = make_settings(
+        llm_provider="openai",
+        llm_model="llama3.1:8b",
+        llm_base_url="http://127.0.0.1:11434/v1",
+        llm_max_tokens=256,
+        llm_temperature=0.7,
+    )
+
+    model = factory.create_chat_model(settings)
+
+    assert isinstance(model, OpenAIChatModel)
+    assert (model.model, model.max_tokens, model.temperature) == ("llama3.1:8b", 256, 0.7)
+    await model.aclose()
+
+
+def test_extractive_uses_no_chat_model() -> None:
+    assert factory.create_chat_model(make_settings(llm_provider="extractive")) is None
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "fake"])
+async def test_model_providers_answer_with_the_chat_answerer(provider: str) -> None:
+    settings = make_settings(llm_provider=provider)
+    model = factory.create_chat_model(settings)
+
+    answerer = factory.create_answerer(settings, model)
+
+    assert isinstance(answerer, ChatAnswerer)
+    assert answerer.chat_model is model
+    assert model is not None
+    await model.aclose()
+
+
+def test_an_unregistered_provider_is_a_configuration_error() -> None:
+    settings = make_settings(llm_provider="extractive")
+
+    with pytest.raises(ConfigurationError, match="extractive") as caught:
+        factory.create_answerer(settings, None)
+
+    assert "anthropic, fake, openai" in str(caught.value)
+
+
+def test_a_chat_answerer_needs_a_model() -> None:
+    with pytest.raises(ConfigurationError, match="needs a chat model"):
+        factory.create_answerer(make_settings(llm_provider="fake"), None)
+
+
+def test_a_registered_builder_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    built: list[tuple[Settings, ChatModel | None]] = []
+    answerer = ChatAnswerer(FakeChatModel(), "Registered.")
+
+    def build(settings: Settings, chat_model: ChatModel | None) -> Answerer:
+        built.append((settings, chat_model))
+        return answerer
+
+    monkeypatch.setitem(factory.ANSWERER_BUILDERS, "extractive", build)
+    settings = make_settings(llm_provider="extractive")
+
+    assert factory.create_answerer(settings, None) is answerer
+    assert built == [(settings, None)]

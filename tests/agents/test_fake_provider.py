@@ -1,0 +1,160 @@
+"""The `fake` provider: deterministic answers steered by `[[...]]` directives in the message."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from helpline.agents.exceptions import LLMServiceError
+from helpline.agents.providers.fake import FakeChatModel, parse_script, split_pieces
+from helpline.agents.schemas import ChatMessage, TextDelta, Usage
+from helpline.agents.tokens import estimate_prompt_tokens, estimate_tokens
+
+
+def ask(text: str) -> list[ChatMessage]:
+    return [
+        ChatMessage(role="system", content="Be helpful."),
+        ChatMessage(role="user", content='An earlier question [[reply="old"]]'),
+        ChatMessage(role="assistant", content="old"),
+        ChatMessage(role="user", content=text),
+    ]
+
+
+async def run(model: FakeChatModel, text: str) -> tuple[list[str], list[Usage]]:
+    texts: list[str] = []
+    usages: list[Usage] = []
+    async for event in model.stream(ask(text)):
+        if isinstance(event, TextDelta):
+            texts.append(event.text)
+        else:
+            usages.append(event)
+    return texts, usages
+
+
+async def test_default_answer_quotes_the_question_one_word_per_piece() -> None:
+    texts, usages = await run(FakeChatModel(), "Where is my invoice?")
+
+    answer = "".join(texts)
+    assert '"Where is my invoice?"' in answer
+    assert len(texts) == len(answer.split()) > 5
+    assert all(piece.startswith(" ") for piece in texts[1:])
+    assert usages == [
+        Usage(
+            prompt_tokens=estimate_prompt_tokens(ask("Where is my invoice?")),
+            completion_tokens=len(texts),
+        )
+    ]
+
+
+async def test_reply_directive_answers_exactly_that_text() -> None:
+    message = 'Hi [[reply="Line one.\nIt\'s a \\"quote\\" and a \\\\  here."]]'
+
+    texts, _ = await run(FakeChatModel(), message)
+
+    assert "".join(texts) == 'Line one.\nIt\'s a "quote" and a \\  here.'
+
+
+async def test_directives_are_read_from_the_last_user_message_only() -> None:
+    texts, _ = await run(FakeChatModel(), "What now?")
+
+    assert "old" not in "".join(texts)
+    assert '"What now?"' in "".join(texts)
+
+
+async def test_tokens_directive_sets_the_number_of_pieces() -> None:
+    texts, usages = await run(FakeChatModel(), "Count [[tokens=50]]")
+
+    assert len(texts) == 50
+    assert usages[0].completion_tokens == 50
+    assert "[[" not in "".join(texts)
+
+
+async def test_delay_is_awaited_per_piece() -> None:
+    started = time.monotonic()
+
+    texts, _ = await run(FakeChatModel(), "[[tokens=6 delay_ms=30]] slow please")
+
+    assert len(texts) == 6
+    assert time.monotonic() - started >= 6 * 0.03 * 0.9
+
+
+async def test_fail_after_raises_after_that_many_pieces() -> None:
+    model = FakeChatModel()
+    texts: list[str] = []
+
+    async def read() -> None:
+        async for event in model.stream(ask("[[tokens=10 fail_after=3]]")):
+            if isinstance(event, TextDelta):
+                texts.append(event.text)
+
+    with pytest.raises(LLMServiceError):
+        await read()
+    assert len(texts) == 3
+    assert (model.failed_streams, model.active_streams) == (1, 0)
+
+
+async def test_hang_waits_until_cancelled_and_counts_the_cancel() -> None:
+    model = FakeChatModel()
+    received = asyncio.Event()
+
+    async def read() -> None:
+        async for _event in model.stream(ask("[[tokens=5 hang_after=2]]")):
+            received.set()
+
+    task = asyncio.create_task(read())
+    await asyncio.wait_for(received.wait(), timeout=2)
+    assert model.active_streams == 1
+
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (model.active_streams, model.cancelled_streams, model.completed_streams) == (0, 1, 0)
+
+
+async def test_a_bare_hang_flag_hangs_before_any_text() -> None:
+    model = FakeChatModel()
+    stream = model.stream(ask("[[hang]]"))
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(anext(stream), timeout=0.1)
+    assert model.cancelled_streams == 1
+
+
+async def test_usage_off_gives_an_estimate() -> None:
+    texts, usages = await run(FakeChatModel(), '[[usage=off reply="Two words"]]')
+
+    assert usages == [
+        Usage(
+            prompt_tokens=estimate_prompt_tokens(ask('[[usage=off reply="Two words"]]')),
+            completion_tokens=estimate_tokens("Two words"),
+            estimated=True,
+        )
+    ]
+    assert texts == ["Two", " words"]
+
+
+async def test_counts_completed_streams_and_keeps_the_requests() -> None:
+    model = FakeChatModel()
+
+    await run(model, "one")
+    await run(model, "two")
+
+    assert (model.completed_streams, model.active_streams, model.cancelled_streams) == (2, 0, 0)
+    assert [request[-1].content for request in model.requests] == ["one", "two"]
+
+
+def test_bad_and_unknown_directives_are_ignored() -> None:
+    script = parse_script("Hello [[tokens=many colour=blue delay_ms=5]] there")
+
+    assert script.tokens is None
+    assert script.delay_ms == 5
+    assert script.question == "Hello there"
+
+
+@pytest.mark.parametrize(
+    "text", ["", "one", "  leading", "trailing  ", "a  b\n\nc\t d ", "多 言語 text"]
+)
+def test_pieces_rebuild_the_text_exactly(text: str) -> None:
+    assert "".join(split_pieces(text)) == text
