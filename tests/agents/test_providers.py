@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from helpline.agents.exceptions import LLMServiceError
+from helpline.agents.providers.anthropic import AnthropicChatModel
+from helpline.agents.providers.openai import OpenAIChatModel
 from helpline.agents.schemas import ChatMessage, TextDelta, Usage
 from helpline.agents.tokens import estimate_prompt_tokens, estimate_tokens
 from tests.agents.conftest import ModelFactory
@@ -323,3 +325,64 @@ async def test_check_fails_when_the_server_hangs(
         await make_model(check_timeout_s=0.5).check()
 
     assert time.monotonic() - started < 4.0
+
+
+async def test_openai_request_carries_the_settings(llm_server: LLMTestServer) -> None:
+    model = OpenAIChatModel(
+        model="llama3.1:8b",
+        base_url=llm_server.openai_base_url,
+        api_key="sk-local",
+        max_tokens=300,
+        temperature=0.4,
+    )
+    try:
+        await collect(model.stream(MESSAGES))
+    finally:
+        await model.aclose()
+
+    [request] = llm_server.completion_requests
+    assert request.path == "/v1/chat/completions"
+    assert request.headers["authorization"] == "Bearer sk-local"
+    assert request.body["model"] == "llama3.1:8b"
+    assert request.body["stream"] is True
+    assert request.body["stream_options"] == {"include_usage": True}
+    assert (request.body["max_tokens"], request.body["temperature"]) == (300, 0.4)
+    assert request.body["messages"] == [
+        {"role": "system", "content": "You are a helpful support assistant."},
+        {"role": "user", "content": "How do I reset my password?"},
+    ]
+
+
+def test_openai_itself_gets_max_completion_tokens() -> None:
+    assert OpenAIChatModel().uses_max_completion_tokens
+    assert OpenAIChatModel(base_url="https://api.openai.com/v1").uses_max_completion_tokens
+    assert not OpenAIChatModel(base_url="http://127.0.0.1:11434/v1").uses_max_completion_tokens
+
+
+async def test_anthropic_request_separates_the_system_prompt(llm_server: LLMTestServer) -> None:
+    model = AnthropicChatModel(
+        model="claude-sonnet-4-6", base_url=llm_server.anthropic_base_url, max_tokens=300
+    )
+    messages = [
+        ChatMessage(role="system", content="Be kind."),
+        ChatMessage(role="user", content="First."),
+        ChatMessage(role="user", content="Second."),
+        ChatMessage(role="assistant", content="Hello."),
+        ChatMessage(role="user", content="Question?"),
+    ]
+    try:
+        await collect(model.stream(messages))
+    finally:
+        await model.aclose()
+
+    [request] = llm_server.completion_requests
+    assert request.path == "/v1/messages"
+    assert request.body["system"] == "Be kind."
+    assert request.body["messages"] == [
+        {"role": "user", "content": "First.\n\nSecond."},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Question?"},
+    ]
+    assert (request.body["model"], request.body["max_tokens"]) == ("claude-sonnet-4-6", 300)
+    assert request.body["stream"] is True
+    assert "temperature" not in request.body  # refused by the API version the SDK speaks

@@ -80,6 +80,11 @@ class OpenAIChatModel:
         self._connect_timeout_s = connect_timeout_s
         self._check_timeout_s = check_timeout_s
         self._retry = RetryPolicy(max_retries=max_retries, backoff_s=retry_backoff_s)
+        # OpenAI replaced `max_tokens` by `max_completion_tokens` (its reasoning models refuse
+        # the old name); compatible servers do not all know the new one yet.
+        self.uses_max_completion_tokens = (
+            base_url is None or httpx2.URL(base_url).host == "api.openai.com"
+        )
         self._client = openai.AsyncOpenAI(
             base_url=base_url,
             api_key=api_key or NO_API_KEY,
@@ -107,7 +112,10 @@ class OpenAIChatModel:
                 messages=payload,
                 stream=True,
                 stream_options={"include_usage": True},
-                max_tokens=self.max_tokens,
+                max_completion_tokens=self.max_tokens
+                if self.uses_max_completion_tokens
+                else openai.omit,
+                max_tokens=openai.omit if self.uses_max_completion_tokens else self.max_tokens,
                 temperature=self.temperature,
             )
         except Exception as exc:
