@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -72,3 +78,74 @@ class LiveServer:
         finally:
             server.should_exit = True
             thread.join(timeout=15)
+
+
+@dataclass
+class ProcessServer:
+    """`helpline serve` in a child process, configured through its environment."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @classmethod
+    def start(
+        cls,
+        env: dict[str, str],
+        log_dir: Path,
+        *,
+        workers: int = 1,
+        port: int | None = None,
+        timeout: float = 60.0,
+    ) -> ProcessServer:
+        port = port or free_port()
+        log_path = log_dir / f"server-{port}-{time.monotonic_ns()}.log"
+        command = [sys.executable, "-m", "helpline.cli", "serve", "--port", str(port)]
+        if workers > 1:
+            command += ["--workers", str(workers)]
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                command,
+                env={**os.environ, **env},
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        server = cls(process=process, port=port, log_path=log_path)
+        try:
+            wait_until_up(f"{server.http_url}/health/live", timeout=timeout)
+        except RuntimeError:
+            server.kill()
+            raise RuntimeError(f"server did not start:\n{log_path.read_text()[-4000:]}") from None
+        return server
+
+    def restart(self, env: dict[str, str], timeout: float = 60.0) -> None:
+        """Start again on the same port (after it was killed)."""
+        replacement = ProcessServer.start(
+            env, self.log_path.parent, port=self.port, timeout=timeout
+        )
+        self.process, self.log_path = replacement.process, replacement.log_path
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (workers included)."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")

@@ -601,7 +601,7 @@ class ConversationAnswerStore:
             message = await repository.get_message(session, result.message_id)
             if message is None:  # the conversation was deleted meanwhile
                 usage = result.usage or Usage(0, estimate_tokens(result.content), estimated=True)
-                return StoredAnswer(message={}, usage=usage, reply_to=None)
+                return StoredAnswer(message={}, usage=usage, reply_to=None, changed=False)
             usage = result.usage or Usage(
                 prompt_tokens=message.prompt_tokens or 0,
                 completion_tokens=estimate_tokens(result.content),
@@ -650,7 +650,10 @@ class ConversationAnswerStore:
                     )
             await session.refresh(message)
             return StoredAnswer(
-                message=message_json(message), usage=usage, reply_to=message.reply_to
+                message=message_json(message),
+                usage=usage,
+                reply_to=message.reply_to,
+                changed=stored,
             )
 
     async def next_queued(self, conversation_id: uuid.UUID) -> AnswerJob | None:

@@ -83,6 +83,7 @@ class StoredAnswer:
     message: dict[str, Any]  # the Message as JSON (SPEC)
     usage: Usage
     reply_to: str | None
+    changed: bool = True  # False when the answer had been stored as final already
 
 
 class AnswerStore(Protocol):
@@ -205,7 +206,12 @@ class GenerationEngine:
     async def is_running_anywhere(self, message_id: uuid.UUID) -> bool:
         if message_id in self.running:
             return True
-        return await self.backends.leases.holder(lease_key(message_id)) is not None
+        try:
+            return await self.backends.leases.holder(lease_key(message_id)) is not None
+        except Exception as exc:
+            # Unknown while the shared backend is away: never declare an answer dead on a guess.
+            log.warning("engine.lease_lookup_failed", error=str(exc))
+            return True
 
     # -- running answers ---------------------------------------------------------------------
 
@@ -239,7 +245,14 @@ class GenerationEngine:
     async def _run(self, running: RunningAnswer) -> None:
         job = running.job
         key = lease_key(job.assistant_message_id)
-        if not await self.backends.leases.acquire(key, self.instance_id, self.lease_s):
+        try:
+            owned = await self.backends.leases.acquire(key, self.instance_id, self.lease_s)
+        except Exception as exc:
+            # The shared backend is away: only this instance launched the answer, so run it
+            # for the local clients rather than drop it.
+            log.warning("engine.lease_unavailable", error=str(exc))
+            owned = True
+        if not owned:
             log.warning("engine.answer_owned_elsewhere", message_id=str(job.assistant_message_id))
             self.running.pop(job.assistant_message_id, None)
             return
@@ -267,7 +280,10 @@ class GenerationEngine:
                 span.completion_tokens = stored.usage.completion_tokens
         finally:
             renewer.cancel()
-            await self.backends.leases.release(key, self.instance_id)
+            try:
+                await self.backends.leases.release(key, self.instance_id)
+            except Exception as exc:
+                log.warning("engine.lease_release_failed", error=str(exc))
             self.running.pop(job.assistant_message_id, None)
             metrics.ANSWERS_IN_FLIGHT.dec()
         self._record_metrics(running, result, stored.usage, model)
@@ -376,6 +392,11 @@ class GenerationEngine:
 
     async def _finish(self, result: AnswerResult) -> StoredAnswer:
         stored = await self.store.store_result(result)
+        if not stored.changed:
+            # Another instance stored this answer first (e.g. it judged it orphaned): its
+            # final event stands.
+            log.warning("engine.answer_already_final", message_id=str(result.message_id))
+            return stored
         message, usage = stored.message, stored.usage
         data: dict[str, Any] = {
             "type": result.outcome,

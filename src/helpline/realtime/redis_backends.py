@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from typing import Any
 
@@ -48,6 +49,27 @@ end
 return 0
 """
 RECONNECT_MAX_S = 2.0
+BREAKER_COOLDOWN_S = 1.0
+
+
+class Breaker:
+    """After a Redis failure, skip shared writes for a moment.
+
+    Otherwise every token would wait out the client's retries while Redis is away; local
+    delivery goes on regardless, and the log and fan-out resume once Redis answers again.
+    """
+
+    def __init__(self, cooldown_s: float = BREAKER_COOLDOWN_S) -> None:
+        self.cooldown_s = cooldown_s
+        self._open_until = 0.0
+
+    def allows(self) -> bool:
+        return time.monotonic() >= self._open_until
+
+    def trip(self, what: str, exc: Exception) -> None:
+        if self.allows():
+            log.warning("redis.unavailable", operation=what, error=str(exc))
+        self._open_until = time.monotonic() + self.cooldown_s
 
 
 class _Subscriber:
@@ -116,8 +138,9 @@ class _Subscriber:
 
 
 class RedisBroker:
-    def __init__(self, redis: Redis, prefix: str, instance_id: bytes) -> None:
+    def __init__(self, redis: Redis, prefix: str, instance_id: bytes, breaker: Breaker) -> None:
         self.redis = redis
+        self.breaker = breaker
         self.prefix = prefix
         self.instance_id = instance_id
         self.local = LocalSubscribers()
@@ -147,12 +170,14 @@ class RedisBroker:
 
     async def publish(self, frame: Frame) -> None:
         self.local.deliver(frame)
+        if not self.breaker.allows():
+            return
         try:
             await self.redis.publish(
                 self.channel(frame.conversation_id), self.instance_id + b"|" + frame.to_wire()
             )
         except Exception as exc:
-            log.warning("redis.publish_failed", error=str(exc))
+            self.breaker.trip("publish", exc)
 
     def _on_message(self, data: bytes) -> None:
         origin, _, wire = data.partition(b"|")
@@ -176,8 +201,9 @@ class RedisBroker:
 
 
 class RedisEventLog:
-    def __init__(self, redis: Redis, prefix: str, retention_s: int) -> None:
+    def __init__(self, redis: Redis, prefix: str, retention_s: int, breaker: Breaker) -> None:
         self.redis = redis
+        self.breaker = breaker
         self.prefix = prefix
         self.retention_s = retention_s
 
@@ -185,11 +211,16 @@ class RedisEventLog:
         return f"{self.prefix}log:{message_id}"
 
     async def append(self, message_id: uuid.UUID, frame: Frame) -> None:
+        if not self.breaker.allows():
+            return
         key = self.key(message_id)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.xadd(key, {b"f": frame.to_wire()}, id=f"{frame.seq}-0")
-            pipe.expire(key, self.retention_s)
-            await pipe.execute()
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.xadd(key, {b"f": frame.to_wire()}, id=f"{frame.seq}-0")
+                pipe.expire(key, self.retention_s)
+                await pipe.execute()
+        except Exception as exc:
+            self.breaker.trip("event_log", exc)
 
     async def read_after(self, message_id: uuid.UUID, after_seq: int) -> list[Frame] | None:
         key = self.key(message_id)
@@ -235,8 +266,9 @@ class RedisLeaseStore:
 
 
 class RedisControlBus:
-    def __init__(self, redis: Redis, prefix: str, instance_id: bytes) -> None:
+    def __init__(self, redis: Redis, prefix: str, instance_id: bytes, breaker: Breaker) -> None:
         self.redis = redis
+        self.breaker = breaker
         self.channel = f"{prefix}control".encode()
         self.instance_id = instance_id
         self._handlers: list[ControlHandler] = []
@@ -245,10 +277,12 @@ class RedisControlBus:
 
     async def send(self, command: dict[str, Any]) -> None:
         await self._dispatch(command)
+        if not self.breaker.allows():
+            return
         try:
             await self.redis.publish(self.channel, self.instance_id + b"|" + orjson.dumps(command))
         except Exception as exc:
-            log.warning("redis.control_publish_failed", error=str(exc))
+            self.breaker.trip("control", exc)
 
     def listen(self, handler: ControlHandler) -> None:
         self._handlers.append(handler)
@@ -278,10 +312,11 @@ class RedisControlBus:
 def create_redis_backends(redis: Redis, settings: Settings) -> Backends:
     prefix = f"{settings.redis_key_prefix}rt:"
     instance_id = uuid.uuid4().hex.encode()
+    breaker = Breaker()
     return Backends(
-        broker=RedisBroker(redis, prefix, instance_id),
-        event_log=RedisEventLog(redis, prefix, settings.event_log_ttl_s),
+        broker=RedisBroker(redis, prefix, instance_id, breaker),
+        event_log=RedisEventLog(redis, prefix, settings.event_log_ttl_s, breaker),
         leases=RedisLeaseStore(redis, prefix),
-        control=RedisControlBus(redis, prefix, instance_id),
+        control=RedisControlBus(redis, prefix, instance_id, breaker),
         shared=True,
     )
