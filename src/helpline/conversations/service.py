@@ -245,6 +245,14 @@ async def send_message(
             return await _replay(session, existing, content)
 
     conversation = await repository.lock_conversation(session, conversation.id) or conversation
+    if client_message_id is not None:
+        # The same send may have committed while we waited for the lock: replay it rather than
+        # refuse it as a second send (GENERATION_IN_PROGRESS).
+        existing = await repository.get_by_client_id(
+            session, conversation_id=conversation.id, client_message_id=client_message_id
+        )
+        if existing is not None:
+            return await _replay(session, existing, content)
     previous_status = conversation.status
     if author.id == conversation.user_id:
         role = MessageRole.USER
