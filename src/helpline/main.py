@@ -17,6 +17,7 @@ from helpline.auth.dependencies import rate_limit_key
 from helpline.auth.revocation import create_revocations
 from helpline.conversations.service import ConversationAnswerStore
 from helpline.core import health, lifecycle, metrics, telemetry
+from helpline.core.cache import create_cache
 from helpline.core.config import Settings, get_settings
 from helpline.core.database import create_engine, create_sessionmaker, is_connection_error
 from helpline.core.errors import error_response, register_exception_handlers
@@ -24,6 +25,9 @@ from helpline.core.limiter import RateLimiter, RateLimitMiddleware, create_stora
 from helpline.core.logging import configure_logging
 from helpline.core.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
 from helpline.core.redis import create_redis
+from helpline.jobs.queues import create_queue
+from helpline.jobs.registry import JobRuntime
+from helpline.knowledge import service as knowledge_service
 from helpline.realtime.backends import create_backends
 from helpline.realtime.connection import CLOSE_GOING_AWAY
 from helpline.realtime.engine import GenerationEngine
@@ -47,12 +51,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         create_storage(settings), fail_open=settings.rate_limit_fail_open
     )
     app.state.jwt_secret = settings.resolve_jwt_secret()
+    app.state.cache = create_cache(app.state.redis, settings.redis_key_prefix)
     app.state.revocations = create_revocations(
         settings, redis=app.state.redis, sessionmaker=app.state.sessionmaker
     )
     app.state.lifecycle = lifecycle.Lifecycle(settings.shutdown_grace_s)
     lifecycle.set_current(app.state.lifecycle)
     lifecycle.install_signal_handlers(app.state.lifecycle)
+    await _start_jobs(app, settings)
     await _start_generation(app, settings)
     log.info(
         "app.started",
@@ -67,6 +73,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await app.state.lifecycle.drain()
         lifecycle.set_current(None)
         await app.state.generation_engine.close()
+        await app.state.job_queue.close()
+        await knowledge_service.stop_knowledge_base(app.state.knowledge)
         if app.state.chat_model is not None:
             await app.state.chat_model.aclose()
         if app.state.redis is not None:
@@ -76,10 +84,24 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("app.stopped")
 
 
+async def _start_jobs(app: FastAPI, settings: Settings) -> None:
+    """Knowledge-base retrieval and the job queue (in-process, or ARQ with `REDIS_URL`)."""
+    knowledge = await knowledge_service.start_knowledge_base(settings, app.state.sessionmaker)
+    app.state.knowledge = knowledge
+    runtime = JobRuntime(
+        settings=settings, sessionmaker=app.state.sessionmaker, knowledge=knowledge
+    )
+    queue = create_queue(settings, runtime)
+    await queue.start()
+    app.state.job_queue = queue
+    # The in-process queue stops taking jobs and lets running ones finish within the grace.
+    app.state.lifecycle.on_drain("jobs", queue.drain)
+
+
 async def _start_generation(app: FastAPI, settings: Settings) -> None:
     """The generation engine, its answerer and store, sockets, limits and drain."""
     chat_model = create_chat_model(settings)
-    answerer = create_answerer(settings, chat_model)
+    answerer = create_answerer(settings, chat_model, knowledge=app.state.knowledge)
     app.state.chat_model = chat_model
     store = ConversationAnswerStore(
         app.state.sessionmaker,
@@ -124,6 +146,8 @@ def include_routers(app: FastAPI) -> None:
     from helpline.auth.router import router as auth_router
     from helpline.conversations.router import router as conversations_router
     from helpline.core.health import router as health_router
+    from helpline.jobs.router import router as jobs_router
+    from helpline.knowledge.router import router as knowledge_router
     from helpline.realtime.router import router as realtime_router
 
     app.include_router(health_router)
@@ -131,6 +155,8 @@ def include_routers(app: FastAPI) -> None:
     app.include_router(auth_admin_router)
     app.include_router(conversations_router)
     app.include_router(realtime_router)
+    app.include_router(knowledge_router)
+    app.include_router(jobs_router)
     app.include_router(metrics.router)
 
 
