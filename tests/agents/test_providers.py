@@ -281,7 +281,7 @@ async def test_closing_the_stream_early_closes_the_upstream_connection(
     stream = make_model().stream(MESSAGES)
 
     first = await anext(stream)
-    await stream.aclose()  # type: ignore[attr-defined]  # an async generator
+    await stream.aclose()
 
     assert first == TextDelta(" word0")
     assert await llm_server.async_wait_for_closed_early(1, within_s=3.0)

@@ -19,7 +19,7 @@ in `helpline.agents.providers.openai`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING
 
 import anthropic
@@ -98,7 +98,7 @@ class AnthropicChatModel:
             max_retries=0,
         )
 
-    def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[TextDelta | Usage]:
+    def stream(self, messages: Sequence[ChatMessage]) -> AsyncGenerator[TextDelta | Usage, None]:
         """Stream the reply to `messages`: text pieces, then exactly one `Usage`."""
         messages = tuple(messages)
         return stream_with_retries(

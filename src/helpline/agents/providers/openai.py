@@ -19,7 +19,7 @@ after that long.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING
 
 import httpx2
@@ -92,7 +92,7 @@ class OpenAIChatModel:
             max_retries=0,
         )
 
-    def stream(self, messages: Sequence[ChatMessage]) -> AsyncIterator[TextDelta | Usage]:
+    def stream(self, messages: Sequence[ChatMessage]) -> AsyncGenerator[TextDelta | Usage, None]:
         """Stream the completion of `messages`: text pieces, then exactly one `Usage`."""
         messages = tuple(messages)
         return stream_with_retries(
