@@ -107,11 +107,15 @@ class _Subscriber:
                 if not self.connected:
                     await self.pubsub.aclose()  # type: ignore[no-untyped-call]
                     self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                    if self.channels:
-                        await self.pubsub.subscribe(*self.channels)
+                    channels = set(self.channels)
+                    if channels:
+                        await self.pubsub.subscribe(*channels)
                     else:
                         await self.pubsub.ping()
                     self.connected = True
+                    # `subscribe()` left channels added while we connected to us.
+                    if missed := self.channels - channels:
+                        await self.pubsub.subscribe(*missed)
                     delay = 0.05
                     log.info("redis.subscriber_connected", subscriber=self.name)
                 message = await self.pubsub.get_message(timeout=1.0)
