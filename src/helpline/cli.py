@@ -1,10 +1,11 @@
-"""The `helpline` command: serve, migrate, create-user, openapi."""
+"""The `helpline` command: serve, worker, migrate, create-user, ingest, openapi."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -80,6 +81,9 @@ def serve(
         reload=reload,
         ws=ws,
         access_log=False,
+        # The app answers frames over WS_MAX_FRAME_BYTES with an error frame; the transport
+        # refuses only much larger ones (1009), so a client's mistake doesn't cost its socket.
+        ws_max_size=settings.ws_max_frame_bytes * 16,
         log_config=None,
         proxy_headers=True,
         # A backstop only: the app drains within SHUTDOWN_GRACE_S before uvicorn stops.
@@ -162,6 +166,102 @@ def openapi(
 
     document = create_app(_settings()).openapi()
     sys.stdout.write(json.dumps(document, indent=indent) + "\n")
+
+
+async def _ingest(settings: Settings, paths: list[Path]) -> int:
+    """Load files into the knowledge base with a progress bar; the number of failures."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from helpline.core.database import create_engine, create_sessionmaker
+    from helpline.knowledge import service as knowledge_service
+
+    console = Console()
+    files = knowledge_service.collect_files(paths)
+    if not files:
+        console.print("[yellow]No .md, .txt, .html or .pdf files found.[/yellow]")
+        return 0
+    engine = create_engine(settings)
+    knowledge = await knowledge_service.start_knowledge_base(
+        settings, create_sessionmaker(engine), warm_up=False
+    )
+    try:
+        with Progress(
+            TextColumn("[bold]Ingesting"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.description}"),
+            console=console,
+        ) as progress:
+            task = progress.add_task("", total=len(files))
+
+            def advance(outcome: knowledge_service.IngestOutcome) -> None:
+                progress.update(task, advance=1, description=outcome.path.name)
+
+            outcomes = await knowledge_service.ingest_paths(
+                knowledge.sessionmaker,
+                knowledge,
+                files,
+                max_bytes=settings.max_upload_bytes,
+                on_progress=advance,
+            )
+    finally:
+        await knowledge_service.stop_knowledge_base(knowledge)
+        await engine.dispose()
+    table = Table(title=f"Knowledge base ({knowledge.embeddings.name} embeddings)")
+    for column in ("file", "status", "chunks", "title / error"):
+        table.add_column(column)
+    colours = {"added": "green", "updated": "cyan", "unchanged": "dim", "failed": "red"}
+    for outcome in outcomes:
+        colour = colours.get(outcome.status, "white")
+        table.add_row(
+            str(outcome.path),
+            f"[{colour}]{outcome.status}[/{colour}]",
+            str(outcome.chunks),
+            outcome.error or outcome.title or "",
+        )
+    console.print(table)
+    return sum(1 for outcome in outcomes if outcome.status == "failed")
+
+
+@app.command()
+def ingest(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Files or folders (.md, .txt, .html, .pdf).", exists=True)
+    ],
+) -> None:
+    """Load files into the knowledge base now, in this process (replacing earlier copies)."""
+    settings = _settings()
+    _prepare_database(settings)
+    failures = asyncio.run(_ingest(settings, paths))
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def worker() -> None:
+    """Run background jobs from Redis (needs REDIS_URL; without it `serve` runs them itself)."""
+    settings = _settings()
+    if not settings.redis_url:
+        typer.secho(
+            "helpline worker needs REDIS_URL: without Redis, `helpline serve` runs the jobs "
+            "in-process.",
+            fg="red",
+            err=True,
+        )
+        raise typer.Exit(2)
+    from helpline.core import metrics
+    from helpline.core.logging import configure_logging
+    from helpline.jobs.worker import run_worker
+
+    configure_logging(settings.log_level, settings.log_format)
+    server, _ = metrics.start_worker_metrics_server(settings.worker_metrics_port)
+    try:
+        asyncio.run(run_worker(settings))
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 if __name__ == "__main__":  # pragma: no cover

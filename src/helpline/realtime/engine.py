@@ -28,6 +28,7 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
+from helpline.agents.chat import closing_stream
 from helpline.agents.exceptions import LLMServiceError
 from helpline.agents.schemas import (
     Answerer,
@@ -305,21 +306,22 @@ class GenerationEngine:
             history=job.history,
         )
         try:
-            async for event in self.answerer.answer(request):
-                if isinstance(event, TextDelta):
-                    if event.text:
-                        await self._emit_piece(running, event.text)
-                elif isinstance(event, Usage):
-                    usage = event
-                elif isinstance(event, SourcesFound):
-                    sources = tuple(event.sources)
-                elif isinstance(event, ToolActivity):
-                    log.info(
-                        "engine.tool_activity",
-                        tool=event.name,
-                        status=event.status,
-                        message_id=str(job.assistant_message_id),
-                    )
+            async with closing_stream(self.answerer.answer(request)) as events:
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        if event.text:
+                            await self._emit_piece(running, event.text)
+                    elif isinstance(event, Usage):
+                        usage = event
+                    elif isinstance(event, SourcesFound):
+                        sources = tuple(event.sources)
+                    elif isinstance(event, ToolActivity):
+                        log.info(
+                            "engine.tool_activity",
+                            tool=event.name,
+                            status=event.status,
+                            message_id=str(job.assistant_message_id),
+                        )
         except asyncio.CancelledError:
             # The task goes on to store what it has; it is not cancelled as a whole.
             task = asyncio.current_task()
