@@ -41,13 +41,14 @@ from opentelemetry.instrumentation.redis import RedisInstrumentor
 from opentelemetry.instrumentation.sqlalchemy.engine import EngineTracer
 from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import Event, ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     SimpleSpanProcessor,
     SpanExporter,
 )
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.util.types import Attributes
 from sqlalchemy.ext.asyncio import AsyncEngine
 from structlog.types import EventDict
 
@@ -57,7 +58,6 @@ from helpline.core.logging import add_log_enricher, redact_url
 TRACER_NAME: Final = "helpline"
 # Probes and scrapes arrive every few seconds from every replica: tracing them is noise.
 DEFAULT_EXCLUDED_URLS: Final = r"/health/live\b,/health/ready\b,/metrics\b"
-_URL_ATTRIBUTE_PREFIXES: Final = ("http.", "url.")
 
 _lock = threading.Lock()
 _provider: TracerProvider | None = None
@@ -66,28 +66,62 @@ _instrumented_engines: weakref.WeakSet[Any] = weakref.WeakSet()
 _libraries_instrumented = False
 
 
-class _RedactingSpanProcessor(SpanProcessor):
-    """Scrubs `?token=…` (and other secret query parameters) from URL attributes.
+def _redact_attributes(attributes: Attributes) -> dict[str, Any] | None:
+    """The attributes with secret query parameters scrubbed, or None when there were none."""
+    if not attributes:
+        return None
+    changed = False
+    scrubbed: dict[str, Any] = {}
+    for key, value in attributes.items():
+        if isinstance(value, str) and "=" in value:
+            redacted = redact_url(value)
+            changed = changed or redacted != value
+            scrubbed[key] = redacted
+        else:
+            scrubbed[key] = value
+    return scrubbed if changed else None
 
-    The ASGI and httpx instrumentations set the URL attributes when the span starts, so they
-    are rewritten in `on_start`, while the span can still be changed.
+
+def redact_span(span: ReadableSpan) -> ReadableSpan:
+    """`span`, or a copy of it with `?token=…` (and other secret parameters) scrubbed.
+
+    Done as spans leave for export rather than when they start, because instrumentations set
+    URL attributes at various moments (the ASGI one sets them twice) and exception events can
+    quote URLs too.
     """
-
-    def on_start(
-        self,
-        span: Span,
-        parent_context: Context | None = None,  # noqa: ARG002 - the processor interface
-    ) -> None:
-        attributes = span.attributes or {}
-        for key, value in list(attributes.items()):
-            if isinstance(value, str) and key.startswith(_URL_ATTRIBUTE_PREFIXES):
-                redacted = redact_url(value)
-                if redacted != value:
-                    span.set_attribute(key, redacted)
+    attributes = _redact_attributes(span.attributes)
+    events: list[Event] = []
+    events_changed = False
+    for event in span.events:
+        event_attributes = _redact_attributes(event.attributes)
+        if event_attributes is None:
+            events.append(event)
+        else:
+            events_changed = True
+            events.append(Event(event.name, event_attributes, event.timestamp))
+    if attributes is None and not events_changed:
+        return span
+    return ReadableSpan(
+        name=span.name,
+        context=span.context,
+        parent=span.parent,
+        resource=span.resource,
+        attributes=attributes if attributes is not None else span.attributes,
+        events=events,
+        links=span.links,
+        kind=span.kind,
+        status=span.status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
 
 
 class _SwappableSpanProcessor(SpanProcessor):
-    """Forwards to the exporting processor of the most recent `setup_tracing` call."""
+    """Forwards to the exporting processor of the most recent `setup_tracing` call.
+
+    Spans are redacted on their way through: nothing unredacted reaches an exporter.
+    """
 
     def __init__(self) -> None:
         self._delegate: SpanProcessor | None = None
@@ -103,7 +137,7 @@ class _SwappableSpanProcessor(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         if self._delegate is not None:
-            self._delegate.on_end(span)
+            self._delegate.on_end(redact_span(span))
 
     def shutdown(self) -> None:
         if self._delegate is not None:
@@ -133,7 +167,6 @@ def _ensure_provider(settings: Settings) -> TracerProvider:
             }
         )
         provider = TracerProvider(resource=resource)
-        provider.add_span_processor(_RedactingSpanProcessor())
         _exporting = _SwappableSpanProcessor()
         provider.add_span_processor(_exporting)
         # Other libraries' spans join ours; if something else already set a global provider,
@@ -235,6 +268,13 @@ def setup_tracing(
         if engine is not None:
             _instrument_engine(provider, engine)
     return True
+
+
+def force_flush(timeout_millis: int = 5000) -> bool:
+    """Export the spans still buffered (e.g. before a job worker exits); True when done."""
+    if _provider is None:
+        return True
+    return _provider.force_flush(timeout_millis)
 
 
 def get_tracer() -> trace.Tracer:
