@@ -22,7 +22,7 @@ from helpline.conversations.schemas import (
     MessageRead,
     SendMessageResponse,
 )
-from helpline.core.database import DbSession, unit_of_work
+from helpline.core.database import DbSession, release, unit_of_work
 from helpline.core.errors import error_responses
 from helpline.realtime import service as realtime_service
 from helpline.realtime.dependencies import Engine
@@ -117,12 +117,14 @@ async def send_message(
     conversation: OwnedConversation,
     body: MessageCreate,
     request: Request,
+    session: DbSession,
     user: CurrentUser,
     engine: Engine,
 ) -> JSONResponse:
     """Send a message and wait for the complete answer (no streaming)."""
     settings = request.app.state.settings
     sessionmaker = request.app.state.sessionmaker
+    await release(session)  # the send and the wait use units of work of their own
     if user.id == conversation.user_id:
         await request.app.state.before_model_call(user)
     result = await service.post_message(

@@ -58,7 +58,18 @@ def create_engine(settings: Settings) -> AsyncEngine:
     return engine
 
 
+_SQLITE_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE", "SAVEPOINT")
+
+
 def _configure_sqlite(engine: AsyncEngine) -> None:
+    """WAL, foreign keys, and write transactions that take the write lock up front.
+
+    In WAL mode a transaction that reads and then writes fails at once ("database is locked",
+    no busy wait) if another connection committed in between. So a transaction begins only at
+    its first write, with `BEGIN IMMEDIATE` (which waits its turn up to `busy_timeout`); reads
+    before it see the latest committed data, as under PostgreSQL's READ COMMITTED.
+    """
+
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _: Any) -> None:
         cursor = dbapi_connection.cursor()
@@ -67,13 +78,18 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.close()
-        # pysqlite's own transaction handling defers BEGIN; emit it ourselves (below) so that
-        # SAVEPOINTs and write locks behave as on PostgreSQL.
+        # Transactions are begun by us (below), not by pysqlite.
         dbapi_connection.isolation_level = None
 
-    @event.listens_for(engine.sync_engine, "begin")
-    def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN")
+    @event.listens_for(engine.sync_engine, "before_cursor_execute")
+    def _begin_before_first_write(
+        connection: Any, cursor: Any, statement: str, *_: Any
+    ) -> None:
+        dbapi_connection = connection.connection.driver_connection
+        if dbapi_connection is None or dbapi_connection.in_transaction:
+            return
+        if statement.lstrip()[:9].upper().startswith(_SQLITE_WRITES):
+            cursor.execute("BEGIN IMMEDIATE")
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -94,6 +110,15 @@ async def commit(session: AsyncSession) -> None:
             await hook()
         except Exception:
             log.exception("db.after_commit_hook_failed", hook=getattr(hook, "__name__", "?"))
+
+
+async def release(session: AsyncSession) -> None:
+    """Commit what the request's session did so far and let go of its locks.
+
+    For endpoints that go on in units of work of their own (streaming, waiting for an answer):
+    the request's session must not hold a write lock that those would wait for.
+    """
+    await commit(session)
 
 
 async def rollback(session: AsyncSession) -> None:

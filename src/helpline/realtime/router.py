@@ -24,7 +24,7 @@ from helpline.conversations.dependencies import OwnedConversation
 from helpline.conversations.exceptions import AnswerNotFound
 from helpline.conversations.schemas import MessageCreate
 from helpline.core import metrics
-from helpline.core.database import DbSession, unit_of_work
+from helpline.core.database import DbSession, release, unit_of_work
 from helpline.core.errors import AppError, BadRequest, Forbidden, NotFound, error_responses
 from helpline.realtime import service as realtime_service
 from helpline.realtime.connection import CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, CLOSE_UNAUTHORIZED
@@ -158,11 +158,13 @@ async def stream_message(
     conversation: OwnedConversation,
     body: MessageCreate,
     request: Request,
+    session: DbSession,
     user: CurrentUser,
     engine: Engine,
 ) -> StreamingResponse:
     """Send a message and stream the stored message, then the answer's events (SSE)."""
     settings = request.app.state.settings
+    await release(session)  # the send and the stream use units of work of their own
     if user.id == conversation.user_id:
         await request.app.state.before_model_call(user)
     result = await conversations_service.post_message(

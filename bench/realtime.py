@@ -1,0 +1,509 @@
+"""Streaming benchmarks: Helpline beside a bare server streaming the same tokens, in one run.
+
+    python bench/realtime.py all            # everything below (about 5 minutes)
+    python bench/realtime.py unpaced paced ttft memory slow cluster ratelimit
+
+Each server runs in its own process pinned to CPU 0, the load generator to CPU 1 (on a machine
+with 2 cores). Helpline runs `helpline serve` with the `fake` provider on a fresh SQLite file
+(the cluster scenario: PostgreSQL + Redis). Figures are printed with the baseline and the ratio.
+
+- unpaced: 100 sockets, each its own answer of 2,000 tokens as fast as the generator goes;
+  delivered tokens/s.
+- paced: 1,000 and 2,000 streams at 50 tokens/s; share of tokens delivered on time and p99 token
+  delay (arrival minus the time the generator produced it at its pace).
+- ttft: time from the request to the first token on an open socket (Helpline also commits the
+  user message and the answer row first); added over the bare server.
+- memory: server RSS per idle socket with 5,000 open, without and with permessage-deflate.
+- slow: 10 sockets on one conversation, one never reads; the other nine's completion time
+  beside a run where all ten read, and how the stuck one ends.
+- cluster: two instances on PostgreSQL + Redis (each conversation watched from both) beside one
+  instance in-process; added time to first token through Redis.
+- ratelimit: cost of one rate-limit check, in memory and on Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.wsclient import WsClient, connect  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+SERVER_CPU, CLIENT_CPU = "0", 1
+PACE_S = 0.020  # 50 tokens/s
+
+
+def pin_client() -> None:
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setaffinity(0, {CLIENT_CPU})
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+def _wait_port(port: int, timeout: float = 60) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+@contextlib.contextmanager
+def bare_server() -> Iterator[Server]:
+    port = free_port()
+    command = ["taskset", "-c", SERVER_CPU, PYTHON, str(ROOT / "bench" / "bare_server.py"), str(port)]
+    process = subprocess.Popen(command, cwd=ROOT)
+    server = Server(process, port)
+    try:
+        _wait_port(port)
+        yield server
+    finally:
+        server.stop()
+
+
+def helpline_env(data: Path, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "ENVIRONMENT": "test",
+        "DATABASE_URL": f"sqlite+aiosqlite:///{data}/bench.db",
+        "DATA_DIR": str(data),
+        "AUTH_JWT_SECRET": "bench-" + "x" * 40,
+        "LLM_PROVIDER": "fake",
+        "DEMO_KB": "false",
+        "AUTO_MIGRATE": "true",
+        "LOG_LEVEL": "WARNING",
+        "RATE_LIMIT_DEFAULT": "10000000/minute",
+        "RATE_LIMIT_LLM": "10000000/minute",
+        "WS_RATE_LIMIT": "100000/second",
+        "WS_SEND_TIMEOUT_S": "2",
+    }
+    env.update(extra)
+    return env
+
+
+@contextlib.contextmanager
+def helpline_server(env: dict[str, str], cpu: str = SERVER_CPU) -> Iterator[Server]:
+    port = free_port()
+    command = ["taskset", "-c", cpu, PYTHON, "-m", "helpline.cli", "serve", "--port", str(port)]
+    process = subprocess.Popen(command, cwd=ROOT, env=env)
+    server = Server(process, port)
+    try:
+        _wait_port(port)
+        yield server
+    finally:
+        server.stop()
+
+
+async def make_conversations(port: int, count: int) -> tuple[str, list[str]]:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        name = f"bench-{uuid.uuid4().hex[:8]}"
+        password = "correct-horse-battery"
+        await http.post("/auth/register", json={"username": name, "password": password})
+        token = (await http.post("/auth/token", data={"username": name, "password": password})).json()[
+            "access_token"
+        ]
+        headers = {"Authorization": f"Bearer {token}"}
+        semaphore = asyncio.Semaphore(32)
+
+        async def create() -> str:
+            async with semaphore:
+                response = await http.post("/conversations", json={}, headers=headers)
+                assert response.status_code == 201, response.text
+                return str(response.json()["id"])
+
+        ids = await asyncio.gather(*(create() for _ in range(count)))
+        return token, list(ids)
+
+
+@dataclass(eq=False)
+class Stream:
+    """One answer watched by one socket: token arrivals by seq."""
+
+    tokens_wanted: int
+    sent_at: float = 0.0
+    first_at: float | None = None
+    last_seq: int = 0
+    lateness: list[float] = field(default_factory=list)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    finished_at: float = 0.0
+    paced: bool = False
+    on_time_tokens: int = 0
+    deadline: float = 0.0
+
+    def on_text(self, payload: bytes, now: float) -> None:
+        frame = orjson.loads(payload)
+        kind = frame.get("type")
+        if kind == "token":
+            seq = int(frame["seq"])
+            if self.first_at is None:
+                self.first_at = now
+            gained = seq - self.last_seq
+            self.last_seq = max(self.last_seq, seq)
+            if self.paced:
+                self.lateness.append(now - (self.sent_at + seq * PACE_S))
+                if now <= self.deadline:
+                    self.on_time_tokens += gained
+        elif kind in ("complete", "failed", "cancelled"):
+            self.finished_at = now
+            self.done.set()
+
+
+class Target:
+    """How to open a socket and ask for an answer, on the bare server or on Helpline."""
+
+    def __init__(self, port: int, token: str | None = None, conversations: list[str] | None = None):
+        self.port = port
+        self.token = token
+        self.conversations = conversations or []
+
+    @property
+    def is_helpline(self) -> bool:
+        return self.token is not None
+
+    def url(self, index: int) -> str:
+        if not self.is_helpline:
+            return f"ws://127.0.0.1:{self.port}/ws"
+        conversation = self.conversations[index % len(self.conversations)]
+        return f"ws://127.0.0.1:{self.port}/chat/ws/{conversation}?token={self.token}"
+
+    def request(self, tokens: int, delay_ms: int) -> str:
+        if not self.is_helpline:
+            return orjson.dumps({"tokens": tokens, "delay_ms": delay_ms}).decode()
+        content = f"go [[tokens={tokens} delay_ms={delay_ms}]]"
+        return orjson.dumps(
+            {"type": "chat", "content": content, "message_id": uuid.uuid4().hex}
+        ).decode()
+
+
+async def open_streams(
+    target: Target, count: int, tokens: int, *, deflate: bool = False
+) -> list[tuple[WsClient, Stream]]:
+    pairs: list[tuple[WsClient, Stream]] = []
+    semaphore = asyncio.Semaphore(64)
+
+    async def open_one(index: int) -> tuple[WsClient, Stream]:
+        stream = Stream(tokens_wanted=tokens)
+        async with semaphore:
+            client = await connect(target.url(index), stream.on_text, deflate=deflate)
+        return client, stream
+
+    pairs = list(await asyncio.gather(*(open_one(i) for i in range(count))))
+    await asyncio.sleep(0.2)
+    return pairs
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def row(name: str, ours: float, bare: float, unit: str, better: str = "higher") -> None:
+    ratio = ours / bare if bare else float("nan")
+    print(f"  {name:<44} helpline {ours:>12,.2f} {unit:<9} bare {bare:>12,.2f} {unit:<9} ratio {ratio:6.2f} ({better} is better)")
+
+
+# -- scenarios --------------------------------------------------------------------------------
+
+
+async def unpaced(target: Target, clients: int = 100, tokens: int = 2000) -> float:
+    pairs = await open_streams(target, clients, tokens)
+    started = time.perf_counter()
+    for client, stream in pairs:
+        stream.sent_at = time.perf_counter()
+        client.send_text(target.request(tokens, 0))
+    await asyncio.wait_for(asyncio.gather(*(s.done.wait() for _, s in pairs)), 300)
+    elapsed = max(s.finished_at for _, s in pairs) - started
+    delivered = sum(s.last_seq for _, s in pairs)
+    for client, _ in pairs:
+        client.close()
+    return delivered / elapsed
+
+
+async def paced(target: Target, streams: int, tokens: int = 150) -> tuple[float, float]:
+    pairs = await open_streams(target, streams, tokens)
+    spread_s = 1.0
+    for index, (client, stream) in enumerate(pairs):
+        await asyncio.sleep(spread_s / streams)
+        stream.paced = True
+        stream.sent_at = time.perf_counter()
+        stream.deadline = stream.sent_at + tokens * PACE_S + 0.25
+        client.send_text(target.request(tokens, int(PACE_S * 1000)))
+        del index
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(
+            asyncio.gather(*(s.done.wait() for _, s in pairs)), tokens * PACE_S + 30
+        )
+    on_time = sum(s.on_time_tokens for _, s in pairs) / (streams * tokens)
+    lateness = [value for _, s in pairs for value in s.lateness]
+    for client, _ in pairs:
+        client.close()
+    return on_time, pct(lateness, 0.99) * 1000
+
+
+async def ttft(target: Target, rounds: int = 200) -> tuple[float, float]:
+    samples: list[float] = []
+    for index in range(rounds):
+        stream = Stream(tokens_wanted=1)
+        client = await connect(target.url(index), stream.on_text) if index == 0 else client
+        client.on_text = stream.on_text
+        stream.sent_at = time.perf_counter()
+        client.send_text(target.request(1, 0))
+        await asyncio.wait_for(stream.done.wait(), 10)
+        assert stream.first_at is not None
+        samples.append((stream.first_at - stream.sent_at) * 1000)
+    client.close()
+    samples = samples[10:]  # warm-up
+    return statistics.median(samples), pct(samples, 0.99)
+
+
+async def idle_memory(server: Server, target: Target, count: int, deflate: bool) -> float:
+    await asyncio.sleep(0.5)
+    before = server.rss_kib
+    pairs = await open_streams(target, count, 0, deflate=deflate)
+    await asyncio.sleep(2.0)
+    after = server.rss_kib
+    for client, _ in pairs:
+        client.close()
+    return (after - before) / count
+
+
+async def slow_consumer(target: Target, stuck: bool, tokens: int = 20000) -> tuple[float, str]:
+    """Ten sockets on one conversation; the first sends, the last never reads (when `stuck`)."""
+    pairs = await open_streams(target, 10, tokens)
+    if stuck:
+        pairs[-1][0].pause()
+    readers = pairs[:-1] if stuck else pairs
+    started = time.perf_counter()
+    for _, stream in pairs:
+        stream.sent_at = started
+    pairs[0][0].send_text(target.request(tokens, 0))
+    await asyncio.wait_for(asyncio.gather(*(s.done.wait() for _, s in readers)), 120)
+    elapsed = max(s.finished_at for _, s in readers) - started
+    complete = all(s.last_seq == tokens for _, s in readers)
+    ending = "n/a"
+    if stuck:
+        client = pairs[-1][0]
+        await asyncio.sleep(3.0)  # past the send timeout
+        client.resume()
+        try:
+            code = await asyncio.wait_for(client.closed, 10)
+            ending = f"closed with {code}"
+        except TimeoutError:
+            ending = "still open"
+    for client, _ in pairs:
+        client.close()
+    return elapsed, f"{'all tokens' if complete else 'MISSING TOKENS'}; stuck one: {ending}"
+
+
+async def rate_limit_cost() -> None:
+    from limits.aio.storage import MemoryStorage
+
+    from helpline.core.config import Settings
+    from helpline.core.limiter import RateLimiter, create_storage
+
+    redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+    settings = Settings(_env_file=None, redis_url=redis_url, redis_key_prefix="bench:")  # type: ignore[call-arg]
+    for name, storage in (("memory", MemoryStorage()), ("redis", create_storage(settings))):
+        limiter = RateLimiter(storage)
+        samples = []
+        for index in range(2000):
+            started = time.perf_counter()
+            await limiter.hit("100000/minute", "api", f"user:{index % 50}")
+            samples.append((time.perf_counter() - started) * 1000)
+        samples = samples[100:]
+        print(f"  rate-limit check on {name:<7} p50 {statistics.median(samples):.3f} ms   p99 {pct(samples, 0.99):.3f} ms   (target p50 <= 1 ms)")
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+async def run(scenarios: list[str]) -> None:
+    pin_client()
+    data = Path(tempfile.mkdtemp(prefix="helpline-bench-"))
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; servers on CPU {SERVER_CPU}, client on CPU {CLIENT_CPU}\n")
+    if {"unpaced", "paced", "ttft", "slow"} & set(scenarios):
+        with bare_server() as bare, helpline_server(helpline_env(data)) as ours:
+            needed = 2000 if "paced" in scenarios else 100
+            token, conversations = await make_conversations(ours.port, needed)
+            bare_target = Target(bare.port)
+            ours_target = Target(ours.port, token, conversations)
+            if "unpaced" in scenarios:
+                print("unpaced, 100 sockets x 2,000 tokens")
+                row("delivered tokens/s", await unpaced(ours_target), await unpaced(bare_target), "tok/s")
+            if "paced" in scenarios:
+                for streams in (1000, 2000):
+                    print(f"paced, {streams} streams at 50 tokens/s (target on time >= {'95' if streams == 1000 else '90'} %, p99 <= 250 ms)")
+                    ours_share, ours_p99 = await paced(ours_target, streams)
+                    bare_share, bare_p99 = await paced(bare_target, streams)
+                    row("tokens delivered on time (%)", ours_share * 100, bare_share * 100, "%")
+                    row("p99 token delay", ours_p99, bare_p99, "ms", "lower")
+            if "ttft" in scenarios:
+                print("time to first token on an open socket (target added <= 2 ms p50, <= 10 ms p99)")
+                ours_p50, ours_p99 = await ttft(ours_target)
+                bare_p50, bare_p99 = await ttft(bare_target)
+                row("p50", ours_p50, bare_p50, "ms", "lower")
+                row("p99", ours_p99, bare_p99, "ms", "lower")
+                print(f"  added: p50 {ours_p50 - bare_p50:.2f} ms, p99 {ours_p99 - bare_p99:.2f} ms")
+            if "slow" in scenarios:
+                print("slow consumer: 10 sockets on one conversation, 20,000 tokens")
+                single = Target(ours.port, token, conversations[:1])
+                all_read, _ = await slow_consumer(single, stuck=False)
+                one_stuck, outcome = await slow_consumer(single, stuck=True)
+                row("time for the nine readers (one stuck / none)", one_stuck, all_read, "s", "lower")
+                print(f"  {outcome}")
+    if "memory" in scenarios:
+        for deflate in (False, True):
+            label = "with permessage-deflate" if deflate else "without deflate"
+            with bare_server() as bare:
+                bare_kib = await idle_memory(bare, Target(bare.port), 5000, deflate)
+            memory_data = Path(tempfile.mkdtemp(prefix="helpline-bench-"))
+            with helpline_server(helpline_env(memory_data)) as ours:
+                token, conversations = await make_conversations(ours.port, 50)
+                ours_kib = await idle_memory(ours, Target(ours.port, token, conversations), 5000, deflate)
+            print(f"memory per idle socket, 5,000 open, {label} (target ratio <= 1.3)")
+            row("KiB per socket", ours_kib, bare_kib, "KiB", "lower")
+    if "cluster" in scenarios:
+        await cluster()
+    if "ratelimit" in scenarios:
+        print("rate limiting")
+        await rate_limit_cost()
+
+
+async def cluster() -> None:
+    """Two instances through Redis beside one in-process instance, same load."""
+    import asyncpg
+
+    admin = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+    redis_url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+    name = f"helpline_bench_{uuid.uuid4().hex[:8]}"
+    connection = await asyncpg.connect(admin)
+    await connection.execute(f'CREATE DATABASE "{name}"')
+    await connection.close()
+    database_url = admin.replace("postgresql://", "postgresql+asyncpg://").rsplit("/", 1)[0] + f"/{name}"
+    data = Path(tempfile.mkdtemp(prefix="helpline-bench-"))
+    try:
+        single_env = helpline_env(data, DATABASE_URL=database_url)
+        with helpline_server(single_env) as one:
+            token, conversations = await make_conversations(one.port, 100)
+            single = await _cluster_load([Target(one.port, token, conversations)] * 2)
+            ttft_local = await ttft(Target(one.port, token, conversations))
+        shared_env = helpline_env(
+            data, DATABASE_URL=database_url, REDIS_URL=redis_url, REDIS_KEY_PREFIX=f"bench-{name}:"
+        )
+        with helpline_server(shared_env, cpu="0") as first, helpline_server(shared_env, cpu="1") as second:
+            token, conversations = await make_conversations(first.port, 100)
+            targets = [Target(first.port, token, conversations), Target(second.port, token, conversations)]
+            double = await _cluster_load(targets)
+            ttft_redis = await _ttft_across(targets)
+        print("two instances through Redis (PostgreSQL), each conversation watched on both (target >= 1.8 x)")
+        row("delivered tokens/s", double, single, "tok/s")
+        print("time to first token, one instance in-process vs. sent on A, received on B through Redis (target added <= 3 ms p50)")
+        row("p50", ttft_redis[0], ttft_local[0], "ms", "lower")
+        print(f"  added through Redis: p50 {ttft_redis[0] - ttft_local[0]:.2f} ms, p99 {ttft_redis[1] - ttft_local[1]:.2f} ms")
+    finally:
+        connection = await asyncpg.connect(admin)
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await connection.close()
+
+
+async def _cluster_load(targets: list[Target], tokens: int = 2000) -> float:
+    """Per conversation a socket on each target; answers asked on alternate targets."""
+    count = len(targets[0].conversations)
+    watchers: list[tuple[WsClient, Stream]] = []
+    senders: list[tuple[WsClient, Stream]] = []
+    for index in range(count):
+        for side, target in enumerate(targets):
+            stream = Stream(tokens_wanted=tokens)
+            client = await connect(target.url(index), stream.on_text)
+            (senders if side == index % 2 else watchers).append((client, stream))
+    await asyncio.sleep(0.5)
+    started = time.perf_counter()
+    for (client, _), target_index in zip(senders, range(count), strict=True):
+        client.send_text(targets[target_index % 2].request(tokens, 0))
+    everything = senders + watchers
+    await asyncio.wait_for(asyncio.gather(*(s.done.wait() for _, s in everything)), 300)
+    elapsed = max(s.finished_at for _, s in everything) - started
+    delivered = sum(s.last_seq for _, s in everything)
+    for client, _ in everything:
+        client.close()
+    return delivered / elapsed
+
+
+async def _ttft_across(targets: list[Target], rounds: int = 200) -> tuple[float, float]:
+    samples: list[float] = []
+    watcher_stream = Stream(tokens_wanted=1)
+    sender = await connect(targets[0].url(0), lambda payload, now: None)
+    watcher = await connect(targets[1].url(0), watcher_stream.on_text)
+    await asyncio.sleep(0.5)
+    for _ in range(rounds):
+        stream = Stream(tokens_wanted=1)
+        watcher.on_text = stream.on_text
+        stream.sent_at = time.perf_counter()
+        sender.send_text(targets[0].request(1, 0))
+        await asyncio.wait_for(stream.done.wait(), 10)
+        assert stream.first_at is not None
+        samples.append((stream.first_at - stream.sent_at) * 1000)
+    sender.close()
+    watcher.close()
+    samples = samples[10:]
+    return statistics.median(samples), pct(samples, 0.99)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    choices = ["unpaced", "paced", "ttft", "memory", "slow", "cluster", "ratelimit"]
+    parser.add_argument("scenarios", nargs="*", default=["all"], choices=[*choices, "all"])
+    args = parser.parse_args()
+    scenarios = choices if "all" in args.scenarios else args.scenarios
+    asyncio.run(run(scenarios))
+
+
+if __name__ == "__main__":
+    main()
