@@ -16,7 +16,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml $(LOCK)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install --quiet -c $(LOCK) -e ".[test]"
+	$(BIN)/pip install --quiet -c $(LOCK) -e ".[test,local-embeddings]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -42,7 +42,7 @@ format: install-test
 
 # Re-pin every dependency after changing pyproject.toml.
 lock: $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,local-embeddings]"
 	$(BIN)/pip freeze --exclude-editable | grep -v '^helpline' > $(LOCK)
 
 clean:

@@ -72,7 +72,10 @@ async def test_model_providers_answer_with_the_chat_answerer(provider: str) -> N
     await model.aclose()
 
 
-def test_an_unregistered_provider_is_a_configuration_error() -> None:
+def test_an_unregistered_provider_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delitem(factory.ANSWERER_BUILDERS, "extractive")
     settings = make_settings(llm_provider="extractive")
 
     with pytest.raises(ConfigurationError, match="extractive") as caught:

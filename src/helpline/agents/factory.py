@@ -8,6 +8,8 @@ knowledge-base agent, the model-free `extractive` one) register their builder in
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from helpline.agents.chat import ChatAnswerer
 from helpline.agents.exceptions import ConfigurationError
@@ -17,7 +19,22 @@ from helpline.agents.providers import openai as openai_provider
 from helpline.agents.schemas import Answerer, ChatModel
 from helpline.core.config import Settings
 
+if TYPE_CHECKING:
+    from helpline.knowledge.search import KnowledgeBase
+
 AnswererBuilder = Callable[[Settings, ChatModel | None], Answerer]
+
+
+@dataclass(frozen=True, slots=True)
+class WithKnowledge:
+    """A builder that also needs the knowledge base: `build(settings, chat_model, knowledge)`.
+
+    Register it in `ANSWERER_BUILDERS` wrapped in this, e.g.
+    `ANSWERER_BUILDERS["openai"] = WithKnowledge(build_agent)`.
+    """
+
+    build: Callable[[Settings, ChatModel | None, KnowledgeBase], Answerer]
+
 
 DEFAULT_MODELS: dict[str, str] = {
     "openai": openai_provider.DEFAULT_MODEL,
@@ -69,14 +86,30 @@ def build_chat_answerer(settings: Settings, chat_model: ChatModel | None) -> Ans
     return ChatAnswerer(chat_model)
 
 
-ANSWERER_BUILDERS: dict[str, AnswererBuilder] = {
+def build_extractive_answerer(
+    settings: Settings, chat_model: ChatModel | None, knowledge: KnowledgeBase
+) -> Answerer:
+    """The model-free answerer that quotes the knowledge base."""
+    del settings, chat_model
+    from helpline.agents.extractive import ExtractiveAnswerer
+
+    return ExtractiveAnswerer(knowledge)
+
+
+ANSWERER_BUILDERS: dict[str, AnswererBuilder | WithKnowledge] = {
     "openai": build_chat_answerer,
     "anthropic": build_chat_answerer,
     "fake": build_chat_answerer,
+    "extractive": WithKnowledge(build_extractive_answerer),
 }
 
 
-def create_answerer(settings: Settings, chat_model: ChatModel | None) -> Answerer:
+def create_answerer(
+    settings: Settings,
+    chat_model: ChatModel | None,
+    *,
+    knowledge: KnowledgeBase | None = None,
+) -> Answerer:
     """The answerer for `LLM_PROVIDER`; `ConfigurationError` when none is registered for it."""
     builder = ANSWERER_BUILDERS.get(settings.llm_provider)
     if builder is None:
@@ -85,4 +118,11 @@ def create_answerer(settings: Settings, chat_model: ChatModel | None) -> Answere
             f"LLM_PROVIDER={settings.llm_provider} is not available in this install; "
             f"available: {available}"
         )
+    if isinstance(builder, WithKnowledge):
+        if knowledge is None:
+            raise ConfigurationError(
+                f"LLM_PROVIDER={settings.llm_provider} answers from the knowledge base, "
+                "but none was started"
+            )
+        return builder.build(settings, chat_model, knowledge)
     return builder(settings, chat_model)

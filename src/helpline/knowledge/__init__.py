@@ -1,0 +1,1 @@
+"""The knowledge base: documents, chunks, hybrid retrieval and the jobs that ingest them."""
