@@ -72,9 +72,8 @@ async def scrape(client: httpx.AsyncClient) -> str:
     return response.text
 
 
-@pytest.fixture
-def probe_app(app: FastAPI) -> FastAPI:
-    """The app plus a templated route (200, or 404 for `missing`) and a nested one."""
+def add_probe_routes(app: FastAPI) -> None:
+    """A templated route (200, or 404 for `missing`) and a nested one."""
     router = APIRouter(prefix="/metric-probes")
     parts = APIRouter(prefix="/parts")
 
@@ -92,6 +91,11 @@ def probe_app(app: FastAPI) -> FastAPI:
 
     router.include_router(parts, prefix="/{item_id}")
     app.include_router(router)
+
+
+@pytest.fixture
+def probe_app(app: FastAPI) -> FastAPI:
+    add_probe_routes(app)
     return app
 
 
@@ -126,6 +130,23 @@ async def test_nested_router_routes_get_their_full_template(
     assert (await client.get("/metric-probes/a1/parts/b2")).status_code == 200
     after = value(parse_samples(await scrape(client)), "helpline_http_requests_total", **labels)
     assert after - before == 1
+
+
+async def test_a_rate_limited_call_is_counted_under_its_route(settings: Settings) -> None:
+    application = create_app(settings.model_copy(update={"rate_limit_default": "2/minute"}))
+    add_probe_routes(application)
+    labels = {"method": "GET", "route": NESTED_TEMPLATE, "status": "429"}
+    async with application.router.lifespan_context(application):
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            before = parse_samples(await scrape(http))
+            statuses = [(await http.get("/metric-probes/a/parts/b")).status_code for _ in range(3)]
+            after = parse_samples(await scrape(http))
+    assert statuses == [200, 200, 429]
+    total = "helpline_http_requests_total"
+    assert value(after, total, **labels) - value(before, total, **labels) == 1
+    limited = "helpline_rate_limited_total"
+    assert value(after, limited, scope="api") - value(before, limited, scope="api") == 1
 
 
 async def test_unmatched_paths_share_one_label(client: httpx.AsyncClient) -> None:

@@ -30,6 +30,7 @@ from wsgiref.simple_server import WSGIServer
 import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
+from fastapi.routing import iter_route_contexts
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
@@ -45,6 +46,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from helpline.core.config import Settings
@@ -322,11 +324,13 @@ async def get_metrics(
 
 
 def route_template(scope: Scope) -> str:
-    """The path template of the route that handled `scope`, or `UNMATCHED_ROUTE`.
+    """The path template of the route for `scope`, or `UNMATCHED_ROUTE`.
 
-    Only valid once the router has run. FastAPI keeps routes of included routers as they were
-    declared and records the full template in its effective route context, so that is read
-    first; a route declared on the app itself is on `scope["route"]`.
+    Call it once the app has answered. When the router ran, it left the route in the scope:
+    FastAPI keeps routes of included routers as they were declared and records the full
+    template in its effective route context, so that is read first; a route declared on the
+    app itself is on `scope["route"]`. A request answered before routing (a 429 from the rate
+    limiter, a 413) is matched against the app's routes here, as the router would have.
     """
     context = (scope.get("fastapi") or {}).get("effective_route_context")
     template = getattr(context, "path", None)
@@ -335,7 +339,29 @@ def route_template(scope: Scope) -> str:
     template = getattr(scope.get("route"), "path", None)
     if isinstance(template, str) and template:
         return template
+    if "endpoint" not in scope:  # the router did not run (it sets the endpoint on a match)
+        template = _match_route(scope)
+        if template:
+            return template
     return UNMATCHED_ROUTE
+
+
+def _match_route(scope: Scope) -> str | None:
+    routes = getattr(scope.get("app"), "routes", None)
+    if not routes:
+        return None
+    partial: str | None = None
+    for route in iter_route_contexts(routes):
+        try:
+            match, _ = route.matches(scope)
+        except Exception:  # a route type that cannot match this scope
+            continue
+        path = route.path
+        if match == Match.FULL and path:
+            return str(path)
+        if match == Match.PARTIAL and partial is None and path:
+            partial = str(path)  # right path, other method: what the router answers 405 for
+    return partial
 
 
 class MetricsMiddleware:
