@@ -49,6 +49,8 @@ CONFIDENT = 0.8
 MAX_WORDS = 80
 WORDS_PER_DELTA = 3
 FOLLOW_UP_MAX_TERMS = 3
+CANDIDATES = 3  # passages considered for quoting
+RANK_BONUS = 0.05  # per search rank, when choosing which passage to quote
 
 DONT_KNOW = (
     "I'm not sure about that — I couldn't find it in our help centre, and I'd rather not "
@@ -95,8 +97,7 @@ def best_excerpt(question: str, content: str, *, max_words: int = MAX_WORDS) -> 
         return content.strip()
     if sum(len(unit.split()) for unit in units) <= max_words:
         return _join(units)
-    wanted = {stem(term) for term in terms(question)}
-    scores = [len(wanted & stems(unit)) / len(wanted) if wanted else 0.0 for unit in units]
+    scores = _unit_scores(question, units)
     best: tuple[float, int, int] = (-1.0, 0, 1)
     for start in range(len(units)):
         words = 0
@@ -112,6 +113,19 @@ def best_excerpt(question: str, content: str, *, max_words: int = MAX_WORDS) -> 
                 best = (candidate[0], start, end + 1)
     _, start, end = best
     return _join(units[start:end])
+
+
+def _unit_scores(question: str, units: Sequence[str]) -> list[float]:
+    wanted = {stem(term) for term in terms(question)}
+    if not wanted:
+        return [0.0 for _ in units]
+    return [len(wanted & stems(unit)) / len(wanted) for unit in units]
+
+
+def sentence_score(question: str, content: str) -> float:
+    """How well the best sentence of `content` covers the question's words, in [0, 1]."""
+    units = _units(content)
+    return max(_unit_scores(question, units), default=0.0)
 
 
 def _join(units: Sequence[str]) -> str:
@@ -168,7 +182,13 @@ class ExtractiveAnswerer:
                 best_relevance=results[0].relevance if results else None,
             )
             return DONT_KNOW, [], query
-        best = results[0]
+        # Full-text ranking favours short passages whose headings match; among the confident
+        # top passages, quote the one with the sentence that covers the question best.
+        candidates = [r for r in results[:CANDIDATES] if r.relevance >= self.threshold]
+        best = max(
+            candidates,
+            key=lambda r: sentence_score(query, r.content) + RANK_BONUS * -results.index(r),
+        )
         excerpt = best_excerpt(query, best.content, max_words=self.max_words)
         text = f"From our help article “{best.title}”:\n\n{excerpt}"
         if best.relevance < CONFIDENT:

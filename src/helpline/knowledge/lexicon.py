@@ -189,6 +189,15 @@ class Vocabulary:
         return chosen
 
 
+def corrected_text(text: str, vocabulary: Vocabulary) -> str:
+    """`text` with its misspelt words corrected (for embedding the query); unchanged if none."""
+    found = words(text)
+    fixed = [vocabulary.correct(word) if word not in STOP_WORDS else None for word in found]
+    if not any(fixed):
+        return text
+    return " ".join(fix or word for word, fix in zip(found, fixed, strict=True))
+
+
 def coverage(query_stems: Sequence[str], passage_stems: Set[str], vocabulary: Vocabulary) -> float:
     """The IDF-weighted share of the query's words found in a passage, in [0, 1]."""
     total = sum(vocabulary.idf(term) for term in query_stems)

@@ -41,7 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from helpline.core import telemetry
 from helpline.knowledge import repository
 from helpline.knowledge.embeddings import EmbeddingProvider, Vectors, from_bytes
-from helpline.knowledge.lexicon import Vocabulary, coverage, stem, stems
+from helpline.knowledge.lexicon import Vocabulary, corrected_text, coverage, stem, stems
 
 log = structlog.get_logger(__name__)
 
@@ -53,8 +53,8 @@ MAX_K = 50
 SEMANTIC_WEIGHT = 14.0
 LEXICAL_WEIGHT = 4.0
 SEMANTIC_BIAS = -8.0
-LEXICAL_ONLY_WEIGHT = 9.0
-LEXICAL_ONLY_BIAS = -4.5
+LEXICAL_ONLY_WEIGHT = 12.0
+LEXICAL_ONLY_BIAS = -3.6
 
 SessionSource = AsyncSession | async_sessionmaker[AsyncSession]
 
@@ -248,7 +248,9 @@ class KnowledgeBase:
             terms = snapshot.vocabulary.query_terms(query)
             embedding_task: asyncio.Task[Vectors] | None = None
             if snapshot.matrix is not None:
-                embedding_task = asyncio.create_task(self.embeddings.embed_query(query))
+                # Typos hurt embeddings as much as full-text: embed the corrected words.
+                text = corrected_text(query, snapshot.vocabulary)
+                embedding_task = asyncio.create_task(self.embeddings.embed_query(text))
             try:
                 lexical = await repository.fulltext_search(session, terms, limit=CANDIDATES)
                 similarities = None
