@@ -66,7 +66,12 @@ class FrameQueue:
                 held.append(frame)
                 return
             seq = frame.seq or 0
-            if seq <= self._taken_seq.get(message_id, 0):
+            taken = self._taken_seq.get(message_id)
+            if taken is None and frame.type == "token" and seq > 1:
+                # Joined mid-answer: pieces without the text before them are of no use, and they
+                # would repeat what a `resume` replays. The final frame still holds the message.
+                return
+            if seq <= (taken or 0):
                 return
             self._taken_seq[message_id] = seq
             if frame.type == "token" and self._items:
