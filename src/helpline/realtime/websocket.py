@@ -311,14 +311,21 @@ class ChatConnection:
                 self.conversation_id, conversations_service.message_json(result.user_message)
             )
         )
-        if result.answer_id is not None:
+        answer = result.assistant_message
+        if answer is not None:
+            # An ended answer: its final frame alone (it holds the message), not its text again.
+            after_seq = (
+                self.queue.taken_seq(str(answer.id))
+                if answer.status == "streaming"
+                else answer.last_seq - 1
+            )
             await realtime_service.replay_into(
                 self.queue,
                 engine=self.engine,
                 sessionmaker=self.sessionmaker,
                 conversation_id=self.conversation_id,
-                message_id=result.answer_id,
-                after_seq=self.queue.taken_seq(str(result.answer_id)),
+                message_id=answer.id,
+                after_seq=after_seq,
             )
 
     async def _resume(self, frame: ResumeFrame) -> None:
