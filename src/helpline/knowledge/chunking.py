@@ -103,7 +103,12 @@ def _units(block: Block, max_chars: int) -> list[str]:
         if len(line) <= max_chars:
             units.append(line)
             continue
-        words = line.split()
+        words: list[str] = []
+        for word in line.split():
+            # A "word" longer than a chunk (a URL, a base64 blob) is cut where it must be.
+            words.extend(
+                word[start : start + max_chars] for start in range(0, len(word), max_chars)
+            )
         piece: list[str] = []
         size = 0
         for word in words:

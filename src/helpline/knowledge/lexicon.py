@@ -143,7 +143,8 @@ class Vocabulary:
             passage_words = set(terms(passage))
             vocabulary.word_frequency.update(passage_words)
             vocabulary.stem_frequency.update({stem(word) for word in passage_words})
-        for word in vocabulary.word_frequency:
+        # Stems are candidates too: "refnd" is one edit from "refund", the stem of "refunds".
+        for word in set(vocabulary.word_frequency) | set(vocabulary.stem_frequency):
             if len(word) >= MIN_CORRECTABLE_LENGTH - 1 and word.isalpha():
                 for variant in _deletions(word) | {word}:
                     vocabulary._by_deletion.setdefault(variant, []).append(word)
@@ -167,7 +168,14 @@ class Vocabulary:
         candidates.discard(word)
         if not candidates:
             return None
-        return max(candidates, key=lambda known: (self.word_frequency[known], known))
+        return max(
+            candidates,
+            key=lambda known: (
+                max(self.word_frequency.get(known, 0), self.stem_frequency.get(known, 0)),
+                known in self.word_frequency,
+                known,
+            ),
+        )
 
     def query_terms(self, text: str, *, limit: int = 32) -> list[str]:
         """The words to search for: meaningful, deduplicated, misspellings corrected.

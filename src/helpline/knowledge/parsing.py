@@ -321,6 +321,8 @@ def parse_markdown(text: str) -> ParsedDocument:
         paragraph.append(stripped)
         index += 1
     flush()
+    if title is None:
+        title = next((b.text for b in blocks if b.kind == "heading" and b.level == 1), None)
     return ParsedDocument(title=title, blocks=blocks)
 
 
@@ -505,7 +507,10 @@ class _HTMLToBlocks(HTMLParser):
         self._close_item()
         self._flush_items()
         self._flush_paragraph()
-        return ParsedDocument(title=self.title, blocks=self.blocks)
+        title = self.title or next(
+            (b.text for b in self.blocks if b.kind == "heading" and b.level == 1), None
+        )
+        return ParsedDocument(title=title, blocks=self.blocks)
 
 
 def parse_html(text: str) -> ParsedDocument:
