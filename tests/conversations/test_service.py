@@ -1,0 +1,341 @@
+"""The conversations service on a real database: ownership, races, handoff rules, outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from helpline.agents.providers.fake import FakeChatModel
+from helpline.auth.models import User
+from helpline.conversations import service
+from helpline.conversations.exceptions import (
+    ConversationForbidden,
+    ConversationNotFound,
+    GenerationInProgress,
+    InvalidTransition,
+)
+from helpline.conversations.models import (
+    Conversation,
+    ConversationStatus,
+    Message,
+    MessageRole,
+    MessageStatus,
+)
+from helpline.core.database import unit_of_work
+from helpline.kit.models import utcnow
+from helpline.realtime.engine import GenerationEngine
+from tests.factories import create_user
+from tests.realtime.helpers import eventually
+
+
+@pytest.fixture
+def engine(app: FastAPI) -> GenerationEngine:
+    generation_engine: GenerationEngine = app.state.generation_engine
+    return generation_engine
+
+
+@pytest.fixture
+def model(app: FastAPI) -> FakeChatModel:
+    chat_model = app.state.chat_model
+    assert isinstance(chat_model, FakeChatModel)
+    return chat_model
+
+
+async def new_conversation(
+    sessionmaker: async_sessionmaker[AsyncSession], owner: User
+) -> Conversation:
+    async with unit_of_work(sessionmaker) as session:
+        return await service.create_conversation(session, user=owner, title="t")
+
+
+async def messages_of(
+    sessionmaker: async_sessionmaker[AsyncSession], conversation_id: uuid.UUID
+) -> list[Message]:
+    async with sessionmaker() as session:
+        rows = await session.scalars(
+            select(Message)
+            .where(Message.conversation_id == conversation_id)
+            .order_by(Message.created_at, Message.id)
+        )
+        return list(rows.all())
+
+
+async def post(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    engine: GenerationEngine,
+    author: User,
+    conversation_id: uuid.UUID,
+    content: str,
+    client_message_id: str | None = None,
+) -> service.SendResult:
+    return await service.post_message(
+        sessionmaker,
+        engine=engine,
+        queue_when_busy=False,
+        author=author,
+        conversation_id=conversation_id,
+        content=content,
+        client_message_id=client_message_id,
+    )
+
+
+async def finished(
+    sessionmaker: async_sessionmaker[AsyncSession], conversation_id: uuid.UUID
+) -> bool:
+    answers = [m for m in await messages_of(sessionmaker, conversation_id) if m.role == "assistant"]
+    return bool(answers) and all(m.status != MessageStatus.STREAMING for m in answers)
+
+
+async def test_get_conversation_lets_the_owner_and_staff_in(session: AsyncSession) -> None:
+    owner = await create_user(session)
+    agent = await create_user(session, role="agent")
+    admin = await create_user(session, role="admin")
+    conversation = await service.create_conversation(session, user=owner, title=None)
+    await session.commit()
+    for user in (owner, agent, admin):
+        found = await service.get_conversation(session, user=user, conversation_id=conversation.id)
+        assert found.id == conversation.id
+
+
+async def test_get_conversation_refuses_another_customer(session: AsyncSession) -> None:
+    owner, other = await create_user(session), await create_user(session)
+    conversation = await service.create_conversation(session, user=owner, title=None)
+    await session.commit()
+    with pytest.raises(ConversationForbidden) as refused:
+        await service.get_conversation(session, user=other, conversation_id=conversation.id)
+    assert (refused.value.status_code, refused.value.code) == (403, "FORBIDDEN")
+
+
+async def test_get_conversation_of_an_unknown_id_is_not_found(session: AsyncSession) -> None:
+    user = await create_user(session)
+    with pytest.raises(ConversationNotFound) as missing:
+        await service.get_conversation(session, user=user, conversation_id=uuid.uuid4())
+    assert (missing.value.status_code, missing.value.code) == (404, "CONVERSATION_NOT_FOUND")
+
+
+async def test_listing_walks_conversations_with_equal_activity_times_once(
+    session: AsyncSession,
+) -> None:
+    owner = await create_user(session)
+    moment = utcnow() - timedelta(minutes=5)
+    created = []
+    for _ in range(5):
+        conversation = Conversation(user_id=owner.id, created_at=moment, updated_at=moment)
+        session.add(conversation)
+        created.append(conversation)
+    await session.commit()
+
+    seen: list[uuid.UUID] = []
+    cursor: str | None = None
+    while True:
+        items, cursor = await service.list_conversations(
+            session, user=owner, status=None, limit=2, cursor=cursor
+        )
+        seen.extend(item.id for item in items)
+        if cursor is None:
+            break
+    assert len(seen) == 5
+    assert set(seen) == {c.id for c in created}
+    # Ties on the activity time are ordered by id, descending.
+    assert seen == sorted(seen, reverse=True)
+
+
+async def test_concurrent_sends_with_one_client_message_id_store_one_message_and_answer(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    session: AsyncSession,
+    engine: GenerationEngine,
+    model: FakeChatModel,
+) -> None:
+    owner = await create_user(session)
+    conversation = await new_conversation(sessionmaker, owner)
+    content = '[[reply="Only once." delay_ms=5]] hello'
+    results = await asyncio.gather(
+        *(post(sessionmaker, engine, owner, conversation.id, content, "same-id") for _ in range(3))
+    )
+    assert sorted(result.created for result in results) == [False, False, True]
+    assert len({result.user_message.id for result in results}) == 1
+
+    await eventually(lambda: finished(sessionmaker, conversation.id))
+    messages = await messages_of(sessionmaker, conversation.id)
+    assert [(m.role, m.content) for m in messages] == [
+        (MessageRole.USER, content),
+        (MessageRole.ASSISTANT, "Only once."),
+    ]
+    assert model.completed_streams == 1
+
+
+async def test_concurrent_sends_of_different_messages_start_one_answer(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    session: AsyncSession,
+    engine: GenerationEngine,
+    model: FakeChatModel,
+) -> None:
+    owner = await create_user(session)
+    conversation = await new_conversation(sessionmaker, owner)
+    outcomes = await asyncio.gather(
+        *(post(sessionmaker, engine, owner, conversation.id, f"[[hang]] q{n}") for n in range(3)),
+        return_exceptions=True,
+    )
+    sent = [o for o in outcomes if isinstance(o, service.SendResult)]
+    refused = [o for o in outcomes if isinstance(o, GenerationInProgress)]
+    assert len(sent) == 1
+    assert len(refused) == 2
+    streaming = [
+        m
+        for m in await messages_of(sessionmaker, conversation.id)
+        if m.status == MessageStatus.STREAMING
+    ]
+    assert len(streaming) == 1
+
+    async with unit_of_work(sessionmaker) as db:
+        fresh = await service.get_conversation(db, user=owner, conversation_id=conversation.id)
+        await service.cancel_answer(db, engine=engine, conversation=fresh)
+    await eventually(lambda: finished(sessionmaker, conversation.id))
+    assert model.cancelled_streams == 1
+
+
+async def test_handoff_of_a_conversation_with_an_agent_is_a_conflict(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    session: AsyncSession,
+    engine: GenerationEngine,
+) -> None:
+    owner = await create_user(session)
+    agent = await create_user(session, role="agent")
+    conversation = await new_conversation(sessionmaker, owner)
+    async with unit_of_work(sessionmaker) as db:
+        await service.handoff(
+            db, engine=engine, conversation=conversation, actor=owner, reason=None
+        )
+    async with unit_of_work(sessionmaker) as db:
+        await service.assign(db, engine=engine, conversation=conversation, agent=agent)
+    with pytest.raises(InvalidTransition) as conflict:
+        async with unit_of_work(sessionmaker) as db:
+            await service.handoff(
+                db, engine=engine, conversation=conversation, actor=owner, reason=None
+            )
+    assert (conflict.value.status_code, conflict.value.code) == (409, "CONFLICT")
+
+
+async def test_release_of_an_open_conversation_is_a_conflict(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    session: AsyncSession,
+    engine: GenerationEngine,
+) -> None:
+    owner = await create_user(session)
+    agent = await create_user(session, role="agent")
+    conversation = await new_conversation(sessionmaker, owner)
+    with pytest.raises(InvalidTransition):
+        async with unit_of_work(sessionmaker) as db:
+            await service.release(db, engine=engine, conversation=conversation, agent=agent)
+
+
+async def test_a_resolved_conversation_reopens_on_a_customer_message(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    session: AsyncSession,
+    engine: GenerationEngine,
+) -> None:
+    owner = await create_user(session)
+    conversation = await new_conversation(sessionmaker, owner)
+    async with unit_of_work(sessionmaker) as db:
+        await service.complete(db, engine=engine, conversation=conversation, actor=owner)
+    result = await post(sessionmaker, engine, owner, conversation.id, '[[reply="hi"]] back')
+    assert result.assistant_message is not None
+    async with sessionmaker() as db:
+        stored = await db.get(Conversation, conversation.id)
+        assert stored is not None
+        assert stored.status == ConversationStatus.OPEN
+        assert stored.resolved_at is None
+
+
+async def test_record_outcome_of_a_conversation_the_ai_answered_alone(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    session: AsyncSession,
+    engine: GenerationEngine,
+) -> None:
+    owner = await create_user(session)
+    conversation = await new_conversation(sessionmaker, owner)
+    await post(sessionmaker, engine, owner, conversation.id, '[[reply="Sure."]] q')
+    await eventually(lambda: finished(sessionmaker, conversation.id))
+    async with unit_of_work(sessionmaker) as db:
+        await service.complete(db, engine=engine, conversation=conversation, actor=owner)
+
+    outcome = await service.record_outcome(sessionmaker, conversation.id)
+    assert outcome is not None
+    assert outcome.outcome == "ai_only"
+    assert outcome.messages == {"user": 1, "assistant": 1}
+    assert outcome.seconds_to_first_answer is not None
+    assert 0 <= outcome.seconds_to_first_answer < 60
+
+
+async def test_record_outcome_of_a_handed_over_conversation(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    session: AsyncSession,
+    engine: GenerationEngine,
+) -> None:
+    owner = await create_user(session)
+    agent = await create_user(session, role="agent")
+    conversation = await new_conversation(sessionmaker, owner)
+    async with unit_of_work(sessionmaker) as db:
+        await service.handoff(
+            db, engine=engine, conversation=conversation, actor=owner, reason="human please"
+        )
+    async with unit_of_work(sessionmaker) as db:
+        await service.assign(db, engine=engine, conversation=conversation, agent=agent)
+    await post(sessionmaker, engine, agent, conversation.id, "Hello, how can I help?")
+    async with unit_of_work(sessionmaker) as db:
+        await service.complete(db, engine=engine, conversation=conversation, actor=agent)
+
+    outcome = await service.record_outcome(sessionmaker, conversation.id)
+    assert outcome is not None
+    assert outcome.outcome == "handed_over"
+    assert outcome.messages["agent"] == 1
+    assert "assistant" not in outcome.messages
+    assert outcome.seconds_to_first_answer is None
+
+
+async def test_latest_answer_is_the_one_streaming(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    session: AsyncSession,
+    engine: GenerationEngine,
+) -> None:
+    owner = await create_user(session)
+    conversation = await new_conversation(sessionmaker, owner)
+    assert await service.latest_answer(session, conversation.id) is None
+    first = await post(sessionmaker, engine, owner, conversation.id, '[[reply="one"]] q1')
+    await eventually(lambda: finished(sessionmaker, conversation.id))
+    async with sessionmaker() as db:
+        latest = await service.latest_answer(db, conversation.id)
+        assert latest is not None
+        assert latest.id == first.answer_id
+
+    second = await post(sessionmaker, engine, owner, conversation.id, "[[hang]] q2")
+    async with sessionmaker() as db:
+        latest = await service.latest_answer(db, conversation.id)
+        assert latest is not None
+        assert latest.id == second.answer_id
+        assert latest.status == MessageStatus.STREAMING
+    assert second.answer_id is not None
+    await engine.request_cancel(second.answer_id)
+    await eventually(lambda: finished(sessionmaker, conversation.id))
+
+
+async def test_deleting_a_conversation_stops_its_answer(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    session: AsyncSession,
+    engine: GenerationEngine,
+    model: FakeChatModel,
+) -> None:
+    owner = await create_user(session)
+    conversation = await new_conversation(sessionmaker, owner)
+    await post(sessionmaker, engine, owner, conversation.id, "[[hang_after=2]] q")
+    await eventually(lambda: model.active_streams == 1)
+    async with unit_of_work(sessionmaker) as db:
+        await service.delete_conversation(db, engine=engine, conversation=conversation)
+    await eventually(lambda: model.cancelled_streams == 1 and not engine.running)
+    assert await messages_of(sessionmaker, conversation.id) == []

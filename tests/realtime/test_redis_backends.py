@@ -1,0 +1,292 @@
+"""The Redis backends of the generation engine, against the real Redis (a key prefix per test)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from helpline.core.config import Settings
+from helpline.realtime.backends import Backends
+from helpline.realtime.frames import Frame, message_frame, token_frame
+from helpline.realtime.redis_backends import RedisBroker, RedisControlBus, create_redis_backends
+from tests.conftest import REDIS_URL, make_settings
+from tests.realtime.helpers import eventually
+
+BackendsFactory = Callable[..., Awaitable[Backends]]
+
+
+@pytest.fixture
+async def redis(redis_prefix: str) -> AsyncIterator[Redis]:
+    client: Redis = Redis.from_url(REDIS_URL)
+    try:
+        yield client
+    finally:
+        keys = [key async for key in client.scan_iter(match=f"{redis_prefix}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+@pytest.fixture
+def redis_only_settings(tmp_path: Path, redis_prefix: str) -> Settings:
+    """Settings for the backends alone (no database is opened)."""
+    return make_settings(
+        f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}",
+        tmp_path,
+        redis_url=REDIS_URL,
+        redis_key_prefix=redis_prefix,
+    )
+
+
+@pytest.fixture
+async def make_backends(
+    redis: Redis, redis_only_settings: Settings
+) -> AsyncIterator[BackendsFactory]:
+    """Backends of one more instance on the same Redis (each with its own instance id)."""
+    made: list[Backends] = []
+
+    async def make(**overrides: Any) -> Backends:
+        settings = redis_only_settings.model_copy(update=overrides)
+        backends = create_redis_backends(redis, settings)
+        await backends.start()
+        made.append(backends)
+        return backends
+
+    yield make
+    for backends in made:
+        await backends.close()
+
+
+@pytest.fixture
+async def backends(make_backends: BackendsFactory) -> Backends:
+    return await make_backends()
+
+
+async def subscribers_of(redis: Redis, channel: bytes) -> int:
+    ((_, count),) = await redis.pubsub_numsub(channel)
+    return int(count)
+
+
+def broker_of(backends: Backends) -> RedisBroker:
+    assert isinstance(backends.broker, RedisBroker)
+    return backends.broker
+
+
+def control_of(backends: Backends) -> RedisControlBus:
+    assert isinstance(backends.control, RedisControlBus)
+    return backends.control
+
+
+# -- leases ------------------------------------------------------------------------------------
+
+
+async def test_a_lease_has_one_owner_at_a_time(backends: Backends) -> None:
+    leases = backends.leases
+    assert await leases.acquire("answer:1", "instance-a", 10)
+    assert not await leases.acquire("answer:1", "instance-b", 10)
+    assert not await leases.acquire("answer:1", "instance-a", 10)
+    assert await leases.holder("answer:1") == "instance-a"
+    assert await leases.holder("answer:2") is None
+
+
+async def test_only_the_owner_renews_a_lease(backends: Backends, redis: Redis) -> None:
+    leases = backends.leases
+    await leases.acquire("answer:1", "instance-a", 1)
+    assert not await leases.renew("answer:1", "instance-b", 30)
+    assert await leases.renew("answer:1", "instance-a", 30)
+    key = next(iter([k async for k in redis.scan_iter(match="*lease:answer:1")]))
+    assert 10_000 < await redis.pttl(key) <= 30_000
+    assert not await leases.renew("answer:unknown", "instance-a", 30)
+
+
+async def test_only_the_owner_releases_a_lease(backends: Backends) -> None:
+    leases = backends.leases
+    await leases.acquire("answer:1", "instance-a", 10)
+    await leases.release("answer:1", "instance-b")
+    assert await leases.holder("answer:1") == "instance-a"
+    await leases.release("answer:1", "instance-a")
+    assert await leases.holder("answer:1") is None
+    assert await leases.acquire("answer:1", "instance-b", 10)
+
+
+async def test_a_lease_that_is_not_renewed_expires(backends: Backends) -> None:
+    leases = backends.leases
+    assert await leases.acquire("answer:1", "instance-a", 0.2)
+    assert await eventually(lambda: _is_free(backends, "answer:1"), within=5)
+    assert not await leases.renew("answer:1", "instance-a", 10)
+    assert await leases.acquire("answer:1", "instance-b", 10)
+
+
+async def _is_free(backends: Backends, key: str) -> bool:
+    return await backends.leases.holder(key) is None
+
+
+# -- event log ---------------------------------------------------------------------------------
+
+
+def tokens(conversation_id: uuid.UUID, message_id: uuid.UUID, count: int) -> list[Frame]:
+    return [
+        token_frame(conversation_id, message_id, "q1", seq, f" piece{seq}")
+        for seq in range(1, count + 1)
+    ]
+
+
+async def test_the_event_log_reads_the_events_after_a_seq(backends: Backends) -> None:
+    conversation_id, message_id = uuid.uuid4(), uuid.uuid4()
+    frames = tokens(conversation_id, message_id, 4)
+    for frame in frames:
+        await backends.event_log.append(message_id, frame)
+
+    everything = await backends.event_log.read_after(message_id, 0)
+    assert everything is not None
+    assert [f.data for f in everything] == [f.data for f in frames]
+    assert all(f.conversation_id == conversation_id for f in everything)
+    rest = await backends.event_log.read_after(message_id, 2)
+    assert rest is not None
+    assert [f.seq for f in rest] == [3, 4]
+    assert await backends.event_log.read_after(message_id, 4) == []
+
+
+async def test_the_event_log_of_an_unknown_answer_is_none(backends: Backends) -> None:
+    assert await backends.event_log.read_after(uuid.uuid4(), 0) is None
+
+
+async def test_the_event_log_is_shared_by_every_instance(make_backends: BackendsFactory) -> None:
+    one, two = await make_backends(), await make_backends()
+    conversation_id, message_id = uuid.uuid4(), uuid.uuid4()
+    for frame in tokens(conversation_id, message_id, 3):
+        await one.event_log.append(message_id, frame)
+    seen = await two.event_log.read_after(message_id, 1)
+    assert seen is not None
+    assert [f.data["content"] for f in seen] == [" piece2", " piece3"]
+
+
+async def test_a_sealed_event_log_is_kept_for_the_retention_time(
+    backends: Backends, redis: Redis, redis_only_settings: Settings
+) -> None:
+    conversation_id, message_id = uuid.uuid4(), uuid.uuid4()
+    for frame in tokens(conversation_id, message_id, 2):
+        await backends.event_log.append(message_id, frame)
+    await backends.event_log.seal(message_id)
+    (key,) = [k async for k in redis.scan_iter(match=f"*log:{message_id}")]
+    retention = redis_only_settings.event_log_ttl_s
+    assert retention - 5 <= await redis.ttl(key) <= retention
+
+
+async def test_a_sealed_event_log_is_gone_after_the_retention_time(
+    make_backends: BackendsFactory,
+) -> None:
+    backends = await make_backends(event_log_ttl_s=1)
+    conversation_id, message_id = uuid.uuid4(), uuid.uuid4()
+    for frame in tokens(conversation_id, message_id, 2):
+        await backends.event_log.append(message_id, frame)
+    await backends.event_log.seal(message_id)
+    assert await backends.event_log.read_after(message_id, 0) is not None
+
+    async def expired() -> bool:
+        return await backends.event_log.read_after(message_id, 0) is None
+
+    assert await eventually(expired, within=5)
+
+
+# -- broker and control bus --------------------------------------------------------------------
+
+
+async def test_the_broker_delivers_frames_between_instances_without_echo(
+    make_backends: BackendsFactory, redis: Redis
+) -> None:
+    one, two = await make_backends(), await make_backends()
+    conversation_id = uuid.uuid4()
+    on_one: list[Frame] = []
+    on_two: list[Frame] = []
+    one.broker.subscribe(conversation_id, on_one.append)
+    two.broker.subscribe(conversation_id, on_two.append)
+    channel = broker_of(one).channel(conversation_id)
+    await eventually(lambda: _subscribed(redis, channel, 2))
+
+    first = token_frame(conversation_id, uuid.uuid4(), "q1", 1, "Hello")
+    await one.broker.publish(first)
+    assert [f.data for f in on_one] == [first.data]  # local delivery is immediate
+    await eventually(lambda: len(on_two) == 1)
+    assert on_two[0].data == first.data
+    assert on_two[0].conversation_id == conversation_id
+
+    second = message_frame(conversation_id, {"id": "m2", "content": "from two"})
+    await two.broker.publish(second)
+    await eventually(lambda: len(on_one) == 2)
+    # Channel order: instance one had its own first frame back before the second; it skipped it.
+    assert [f.data for f in on_one] == [first.data, second.data]
+    assert [f.data for f in on_two] == [first.data, second.data]
+
+
+async def _subscribed(redis: Redis, channel: bytes, count: int) -> bool:
+    return await subscribers_of(redis, channel) >= count
+
+
+async def test_the_broker_delivers_only_the_subscribed_conversation(
+    make_backends: BackendsFactory, redis: Redis
+) -> None:
+    one, two = await make_backends(), await make_backends()
+    watched, other = uuid.uuid4(), uuid.uuid4()
+    received: list[Frame] = []
+    two.broker.subscribe(watched, received.append)
+    await eventually(lambda: _subscribed(redis, broker_of(two).channel(watched), 1))
+
+    await one.broker.publish(message_frame(other, {"id": "x"}))
+    await one.broker.publish(message_frame(watched, {"id": "y"}))
+    await eventually(lambda: len(received) == 1)
+    assert received[0].data["message"] == {"id": "y"}
+
+
+async def test_the_broker_stops_delivering_after_unsubscribe(
+    make_backends: BackendsFactory, redis: Redis
+) -> None:
+    one, two = await make_backends(), await make_backends()
+    conversation_id = uuid.uuid4()
+    received: list[Frame] = []
+    unsubscribe = two.broker.subscribe(conversation_id, received.append)
+    channel = broker_of(two).channel(conversation_id)
+    await eventually(lambda: _subscribed(redis, channel, 1))
+    unsubscribe()
+    assert two.broker.local_subscriber_count(conversation_id) == 0
+
+    async def unsubscribed() -> bool:
+        return await subscribers_of(redis, channel) == 0
+
+    await eventually(unsubscribed)
+    await one.broker.publish(message_frame(conversation_id, {"id": "late"}))
+    assert received == []
+
+
+async def test_the_control_bus_reaches_the_other_instance(
+    make_backends: BackendsFactory, redis: Redis
+) -> None:
+    one, two = await make_backends(), await make_backends()
+    on_one: list[dict[str, Any]] = []
+    on_two: list[dict[str, Any]] = []
+
+    async def handle_one(command: dict[str, Any]) -> None:
+        on_one.append(command)
+
+    async def handle_two(command: dict[str, Any]) -> None:
+        on_two.append(command)
+
+    one.control.listen(handle_one)
+    two.control.listen(handle_two)
+    await eventually(lambda: _subscribed(redis, control_of(one).channel, 2))
+
+    cancel = {"kind": "cancel", "message_id": str(uuid.uuid4())}
+    await one.control.send(cancel)
+    assert on_one == [cancel]  # handled here at once
+    await eventually(lambda: on_two == [cancel])
+
+    revoke = {"kind": "revoke", "user_id": str(uuid.uuid4()), "login_ids": None}
+    await two.control.send(revoke)
+    await eventually(lambda: len(on_one) == 2)
+    assert on_one == [cancel, revoke]  # its own `cancel` did not come back a second time
+    assert on_two == [cancel, revoke]
