@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 
 from helpline.agents.chat import ChatAnswerer
 from helpline.agents.exceptions import ConfigurationError
-from helpline.agents.providers import anthropic as anthropic_provider
+from helpline.agents.providers import (
+    ANTHROPIC_DEFAULT_MODEL,
+    OPENAI_DEFAULT_MODEL,
+)
 from helpline.agents.providers import fake as fake_provider
-from helpline.agents.providers import openai as openai_provider
 from helpline.agents.schemas import Answerer, ChatModel
 from helpline.core.config import Settings
 
@@ -36,9 +38,10 @@ class WithKnowledge:
     build: Callable[[Settings, ChatModel | None, KnowledgeBase], Answerer]
 
 
+# The SDKs take seconds to import: a provider's module is loaded only when it is chosen.
 DEFAULT_MODELS: dict[str, str] = {
-    "openai": openai_provider.DEFAULT_MODEL,
-    "anthropic": anthropic_provider.DEFAULT_MODEL,
+    "openai": OPENAI_DEFAULT_MODEL,
+    "anthropic": ANTHROPIC_DEFAULT_MODEL,
     "fake": fake_provider.DEFAULT_MODEL,
 }
 
@@ -52,6 +55,8 @@ def create_chat_model(settings: Settings) -> ChatModel | None:
     """The model provider client for `LLM_PROVIDER`, or `None` when it uses no model."""
     provider = settings.llm_provider
     if provider == "openai":
+        from helpline.agents.providers import openai as openai_provider
+
         return openai_provider.OpenAIChatModel(
             model=model_name(settings),
             base_url=settings.llm_base_url,
@@ -63,6 +68,8 @@ def create_chat_model(settings: Settings) -> ChatModel | None:
             temperature=settings.llm_temperature,
         )
     if provider == "anthropic":
+        from helpline.agents.providers import anthropic as anthropic_provider
+
         return anthropic_provider.AnthropicChatModel(
             model=model_name(settings),
             base_url=settings.llm_base_url,

@@ -27,6 +27,7 @@ import anyio
 import httpx2
 
 from helpline.agents.exceptions import LLMServiceError
+from helpline.agents.providers import ANTHROPIC_DEFAULT_MODEL
 from helpline.agents.providers.streaming import (
     ProviderFailure,
     RetryPolicy,
@@ -40,7 +41,7 @@ from helpline.agents.tokens import estimate_prompt_tokens, estimate_tokens
 if TYPE_CHECKING:
     from anthropic.types import MessageParam
 
-DEFAULT_MODEL = "claude-haiku-4-5"
+DEFAULT_MODEL = ANTHROPIC_DEFAULT_MODEL
 # A compatible gateway may need no key, but the SDK refuses to send a request without one;
 # Anthropic itself answers this with a 401, reported as refused credentials.
 NO_API_KEY = "no-key-required"

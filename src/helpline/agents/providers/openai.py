@@ -26,6 +26,7 @@ import httpx2
 import openai
 
 from helpline.agents.exceptions import LLMServiceError
+from helpline.agents.providers import OPENAI_DEFAULT_MODEL
 from helpline.agents.providers.streaming import (
     ProviderFailure,
     RetryPolicy,
@@ -39,7 +40,7 @@ from helpline.agents.tokens import estimate_prompt_tokens, estimate_tokens
 if TYPE_CHECKING:
     from openai.types.chat import ChatCompletionMessageParam
 
-DEFAULT_MODEL = "gpt-4.1-mini"
+DEFAULT_MODEL = OPENAI_DEFAULT_MODEL
 # Self-hosted servers (vLLM, Ollama, llama.cpp) need no key, but the SDK insists on one;
 # OpenAI itself answers this with a 401, reported as refused credentials.
 NO_API_KEY = "no-key-required"
