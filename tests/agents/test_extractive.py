@@ -218,3 +218,13 @@ async def test_conversation_answers_carry_their_sources(
     assert source["document_id"] == document["id"]
     assert source["title"] == "Reset your password"
     assert uuid.UUID(source["chunk_id"])
+
+
+async def test_an_unrelated_short_question_is_not_taken_for_a_follow_up(
+    knowledge: KnowledgeBase,
+) -> None:
+    history = [ChatMessage(role="user", content="I forgot my password, how do I reset it?")]
+
+    events = await collect(ExtractiveAnswerer(knowledge), ask("recommend a pizza place?", history))
+
+    assert text_of(events) == DONT_KNOW

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from helpline.knowledge.lexicon import Vocabulary, corrected_text, coverage, stem, terms
+from helpline.knowledge.lexicon import Vocabulary, corrected_text, coverage, expand, stem, terms
 from helpline.knowledge.repository import fts5_query, tsquery
 
 VOCABULARY = Vocabulary.build(
@@ -44,7 +44,7 @@ def test_misspellings_are_corrected_to_known_words() -> None:
 
 
 def test_coverage_weighs_rare_words_more() -> None:
-    query = [stem(word) for word in ("annual", "password")]
+    query = ["annual", "password"]
 
     on_password = coverage(query, {stem("password")}, VOCABULARY)
     nothing = coverage(query, set(), VOCABULARY)
@@ -58,3 +58,8 @@ def test_fts_queries_or_their_terms_and_let_no_syntax_through() -> None:
     assert fts5_query(["refund", 'a"b', "near"]) == '"refund" OR "a b" OR "near"'
     assert tsquery(["refund", "o'clock", "a&b|c", "!!"]) == "'refund' | 'oclock' | 'abc'"
     assert fts5_query([]) == ""
+
+
+def test_synonyms_widen_the_query_and_count_as_matches() -> None:
+    assert expand(["yearly", "refund"]) == ["yearly", "refund", "annual"]
+    assert coverage(["yearly"], {stem("annual")}, VOCABULARY) == 1.0

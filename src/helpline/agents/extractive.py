@@ -161,26 +161,40 @@ class ExtractiveAnswerer:
         self.k = k
         self.max_words = max_words
 
-    def search_query(self, request: AnswerRequest) -> str:
-        """The question, with the previous user message when it is a bare follow-up."""
+    def follow_up_query(self, request: AnswerRequest) -> str | None:
+        """The question with the previous user message, when it is a bare follow-up."""
         question = request.question.strip()
-        if len(terms(question)) <= FOLLOW_UP_MAX_TERMS:
-            previous = next(
-                (m.content for m in reversed(request.history) if m.role == "user"), None
-            )
-            if previous and previous.strip() != question:
-                return f"{previous.strip()}\n{question}"
-        return question
+        if len(terms(question)) > FOLLOW_UP_MAX_TERMS:
+            return None
+        previous = next((m.content for m in reversed(request.history) if m.role == "user"), None)
+        if not previous or previous.strip() == question:
+            return None
+        return f"{previous.strip()}\n{question}"
+
+    async def _confident(self, query: str) -> list[SearchResult]:
+        results = await self.knowledge.search(query=query, k=self.k)
+        if not results or results[0].relevance < self.threshold:
+            return []
+        return results
 
     async def compose(self, request: AnswerRequest) -> tuple[str, list[SearchResult], str]:
         """The answer's text, the passages it quotes, and the query searched."""
-        query = self.search_query(request)
-        results = await self.knowledge.search(query=query, k=self.k)
-        if not results or results[0].relevance < self.threshold:
-            log.info(
-                "extractive.no_answer",
-                best_relevance=results[0].relevance if results else None,
-            )
+        question = request.question.strip()
+        results: list[SearchResult] = []
+        query = question
+        follow_up = self.follow_up_query(request)
+        if follow_up is not None:
+            combined = await self._confident(follow_up)
+            # Only a follow-up if the passage found also speaks to the new words: "and how long
+            # does the link work?" is; "can you recommend a pizza place?" after a 2FA question
+            # is not (it is asked on its own below).
+            own = {stem(term) for term in terms(question)}
+            if combined and own & stems(combined[0].content + " " + combined[0].heading_path):
+                results, query = combined, follow_up
+        if not results:
+            results = await self._confident(question)
+        if not results:
+            log.info("extractive.no_answer")
             return DONT_KNOW, [], query
         # Full-text ranking favours short passages whose headings match; among the confident
         # top passages, quote the one with the sentence that covers the question best.

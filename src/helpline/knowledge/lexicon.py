@@ -47,6 +47,48 @@ STOP_WORDS = frozenset(
 )
 
 MIN_CORRECTABLE_LENGTH = 4
+# From this many passages on, words found in most of them are left out of full-text queries:
+# they barely change the ranking but make the engine score most of the index.
+COMMON_WORDS_FROM = 2000
+
+# Everyday words for what help centres name otherwise. Added to full-text queries (never
+# replacing the customer's own word) and counted as a match for it in the lexical coverage.
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "yearly": ("annual",),
+    "annually": ("annual",),
+    "year": ("annual",),
+    "reimburse": ("refund",),
+    "reimbursement": ("refund",),
+    "moneyback": ("refund",),
+    "login": ("sign",),
+    "logon": ("sign",),
+    "log": ("sign",),
+    "signin": ("sign",),
+    "receipt": ("invoice",),
+    "bill": ("invoice", "billing"),
+    "cost": ("price",),
+    "costs": ("price",),
+    "unsubscribe": ("cancel",),
+    "erase": ("delete",),
+    "remove": ("delete",),
+    "bin": ("trash",),
+    "space": ("storage",),
+    "quota": ("storage",),
+    "employee": ("member",),
+    "colleague": ("member",),
+    "coworker": ("member",),
+    "staff": ("member",),
+    "company": ("team",),
+    "organization": ("team",),
+    "organisation": ("team",),
+    "laptop": ("computer", "desktop"),
+    "pc": ("computer", "desktop"),
+    "cellphone": ("phone", "mobile"),
+    "smartphone": ("phone", "mobile"),
+    "down": ("outage",),
+    "broken": ("error",),
+    "human": ("person", "agent"),
+}
 
 
 def normalize(text: str) -> str:
@@ -177,6 +219,20 @@ class Vocabulary:
             ),
         )
 
+    def informative(
+        self, candidates: Sequence[str], *, limit: int, max_share: float = 0.25
+    ) -> list[str]:
+        """The `limit` rarest of `candidates`; in a large base, without the words found in more
+        than `max_share` of the passages (unless no other word is left)."""
+        if self.document_count < COMMON_WORDS_FROM:
+            return list(candidates)[:limit]
+        ceiling = max_share * self.document_count
+        rare = [word for word in candidates if self.stem_frequency.get(stem(word), 0) <= ceiling]
+        chosen = rare or list(candidates)
+        ranked = sorted(chosen, key=lambda word: self.stem_frequency.get(stem(word), 0))
+        kept = set(ranked[:limit])
+        return [word for word in chosen if word in kept]
+
     def query_terms(self, text: str, *, limit: int = 32) -> list[str]:
         """The words to search for: meaningful, deduplicated, misspellings corrected.
 
@@ -206,10 +262,33 @@ def corrected_text(text: str, vocabulary: Vocabulary) -> str:
     return " ".join(fix or word for word, fix in zip(found, fixed, strict=True))
 
 
-def coverage(query_stems: Sequence[str], passage_stems: Set[str], vocabulary: Vocabulary) -> float:
-    """The IDF-weighted share of the query's words found in a passage, in [0, 1]."""
-    total = sum(vocabulary.idf(term) for term in query_stems)
+def expand(query_terms: Sequence[str]) -> list[str]:
+    """`query_terms` followed by their synonyms (for the full-text query)."""
+    expanded = list(query_terms)
+    for term in query_terms:
+        for synonym in SYNONYMS.get(term, ()):
+            if synonym not in expanded:
+                expanded.append(synonym)
+    return expanded
+
+
+def _stem_group(term: str) -> set[str]:
+    """A query word's stem with those of its synonyms (any of them counts as a match)."""
+    return {stem(term), *(stem(synonym) for synonym in SYNONYMS.get(term, ()))}
+
+
+def coverage(query_terms: Sequence[str], passage_stems: Set[str], vocabulary: Vocabulary) -> float:
+    """The IDF-weighted share of the query's words found in a passage, in [0, 1].
+
+    A word counts as found when it, or one of its synonyms, is in the passage.
+    """
+    weights = [vocabulary.idf(stem(term)) for term in query_terms]
+    total = sum(weights)
     if total <= 0:
         return 0.0
-    found = sum(vocabulary.idf(term) for term in query_stems if term in passage_stems)
+    found = sum(
+        weight
+        for term, weight in zip(query_terms, weights, strict=True)
+        if _stem_group(term) & passage_stems
+    )
     return found / total

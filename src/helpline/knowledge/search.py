@@ -41,12 +41,15 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from helpline.core import telemetry
 from helpline.knowledge import repository
 from helpline.knowledge.embeddings import EmbeddingProvider, Vectors, from_bytes
-from helpline.knowledge.lexicon import Vocabulary, corrected_text, coverage, stem, stems
+from helpline.knowledge.lexicon import Vocabulary, corrected_text, coverage, expand, stems
 
 log = structlog.get_logger(__name__)
 
 RRF_K = 60
 CANDIDATES = 50  # per ranking, before fusion
+# Words sent to the full-text engine: the rarest ones. A word in most passages barely changes
+# the ranking but makes the engine score most of the index (the cost grows with the base).
+FTS_TERMS = 12
 MAX_K = 50
 
 # Logistic calibration of `relevance` (see `calibrate`); fitted on bench/questions/dev.jsonl.
@@ -97,6 +100,7 @@ class IndexSnapshot:
     matrix: Vectors | None = None
     vector_rows: np.ndarray | None = None
     row_of: dict[uuid.UUID, int] = field(default_factory=dict)
+    vector_of: dict[uuid.UUID, int] = field(default_factory=dict)  # chunk → row of `matrix`
 
     @property
     def size(self) -> int:
@@ -125,6 +129,9 @@ class IndexSnapshot:
             if vectors and len({vector.shape[0] for vector in vectors}) == 1:
                 snapshot.matrix = np.vstack(vectors).astype(np.float32, copy=False)
                 snapshot.vector_rows = np.array(indices, dtype=np.int64)
+                snapshot.vector_of = {
+                    snapshot.chunk_ids[index]: row for row, index in enumerate(indices)
+                }
         return snapshot
 
     @property
@@ -246,13 +253,14 @@ class KnowledgeBase:
             if snapshot.size == 0:
                 return []
             terms = snapshot.vocabulary.query_terms(query)
+            searched = snapshot.vocabulary.informative(expand(terms), limit=FTS_TERMS)
             embedding_task: asyncio.Task[Vectors] | None = None
             if snapshot.matrix is not None:
                 # Typos hurt embeddings as much as full-text: embed the corrected words.
                 text = corrected_text(query, snapshot.vocabulary)
                 embedding_task = asyncio.create_task(self.embeddings.embed_query(text))
             try:
-                lexical = await repository.fulltext_search(session, terms, limit=CANDIDATES)
+                lexical = await repository.fulltext_search(session, searched, limit=CANDIDATES)
                 similarities = None
                 if embedding_task is not None:
                     query_vector = await embedding_task
@@ -262,17 +270,12 @@ class KnowledgeBase:
                 if embedding_task is not None and not embedding_task.done():
                     embedding_task.cancel()
             dense: list[uuid.UUID] = []
-            similarity_of: dict[uuid.UUID, float] = {}
             if similarities is not None and snapshot.vector_rows is not None:
                 count = min(CANDIDATES, similarities.shape[0])
                 best = np.argpartition(-similarities, count - 1)[:count]
                 best = best[np.argsort(-similarities[best], kind="stable")]
                 rows = snapshot.vector_rows
                 dense = [snapshot.chunk_ids[int(rows[index])] for index in best]
-                similarity_of = {
-                    snapshot.chunk_ids[int(row)]: float(value)
-                    for row, value in zip(rows, similarities, strict=True)
-                }
             # A chunk deleted since the snapshot was built may still be in the FTS results of
             # a concurrent write; only chunks the snapshot knows are ranked.
             fused = rrf([[cid for cid, _ in lexical if cid in snapshot.row_of], dense])
@@ -281,15 +284,19 @@ class KnowledgeBase:
                 hit.chunk_id: hit
                 for hit in await repository.get_chunk_hits(session, [cid for cid, _ in ranked])
             }
-        query_stems = [stem(term) for term in terms]
         results: list[SearchResult] = []
         for chunk_id, score in ranked:
             hit = hits.get(chunk_id)
             if hit is None:
                 continue
-            similarity = similarity_of.get(chunk_id)
+            vector_row = snapshot.vector_of.get(chunk_id)
+            similarity = (
+                float(similarities[vector_row])
+                if similarities is not None and vector_row is not None
+                else None
+            )
             passage = snapshot.passage_stems[snapshot.row_of[chunk_id]]
-            share = coverage(query_stems, passage, snapshot.vocabulary)
+            share = coverage(terms, passage, snapshot.vocabulary)
             results.append(
                 SearchResult(
                     document_id=hit.document_id,
