@@ -20,7 +20,11 @@ from helpline.core import health, lifecycle, metrics, telemetry
 from helpline.core.cache import create_cache
 from helpline.core.config import Settings, get_settings
 from helpline.core.database import create_engine, create_sessionmaker, is_connection_error
-from helpline.core.errors import error_response, register_exception_handlers
+from helpline.core.errors import (
+    error_response,
+    register_error_decorator,
+    register_exception_handlers,
+)
 from helpline.core.limiter import RateLimiter, RateLimitMiddleware, create_storage
 from helpline.core.logging import configure_logging
 from helpline.core.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
@@ -148,6 +152,8 @@ def include_routers(app: FastAPI) -> None:
     from helpline.core.health import router as health_router
     from helpline.jobs.router import router as jobs_router
     from helpline.knowledge.router import router as knowledge_router
+    from helpline.openai_compat.exceptions import add_openai_fields
+    from helpline.openai_compat.router import router as openai_router
     from helpline.realtime.router import router as realtime_router
 
     app.include_router(health_router)
@@ -155,6 +161,8 @@ def include_routers(app: FastAPI) -> None:
     app.include_router(auth_admin_router)
     app.include_router(conversations_router)
     app.include_router(realtime_router)
+    app.include_router(openai_router)
+    register_error_decorator("/v1/", add_openai_fields)
     app.include_router(knowledge_router)
     app.include_router(jobs_router)
     app.include_router(metrics.router)

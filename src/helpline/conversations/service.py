@@ -692,3 +692,34 @@ class ConversationAnswerStore:
             return await repository.streaming_answers_before(
                 session, utcnow() - timedelta(seconds=older_than_s)
             )
+
+
+async def import_transcript(
+    session: AsyncSession,
+    *,
+    user: User,
+    title: str | None,
+    transcript: Sequence[tuple[MessageRole, str]],
+) -> Conversation:
+    """A new conversation of `user` holding an earlier exchange (e.g. an API client's messages).
+
+    The messages are stored in order and become the history of the next answer.
+    """
+    conversation = await create_conversation(session, user=user, title=title)
+    moment = utcnow()
+    for offset, (role, content) in enumerate(transcript):
+        at = moment + timedelta(microseconds=offset)
+        session.add(
+            Message(
+                conversation_id=conversation.id,
+                role=role,
+                content=content,
+                author_id=user.id if role == MessageRole.USER else None,
+                status=MessageStatus.COMPLETE,
+                token_count=estimate_tokens(content),
+                created_at=at,
+                updated_at=at,
+            )
+        )
+    await session.flush()
+    return conversation

@@ -6,7 +6,8 @@ Domain errors subclass `AppError` in `<domain>/exceptions.py`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from http import HTTPStatus
 from typing import Any
 
@@ -121,15 +122,30 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse} for status in statuses}
 
 
+ErrorDecorator = Callable[[dict[str, Any]], None]
+# The path of the request being handled: some APIs (`/v1`, OpenAI's format) add fields.
+request_path: ContextVar[str] = ContextVar("request_path", default="")
+_decorators: list[tuple[str, ErrorDecorator]] = []
+
+
+def register_error_decorator(prefix: str, decorate: ErrorDecorator) -> None:
+    """Let the errors of paths under `prefix` carry extra fields (set by `decorate`)."""
+    if (prefix, decorate) not in _decorators:
+        _decorators.append((prefix, decorate))
+
+
 def error_payload(code: str, message: str, details: Any = None) -> dict[str, Any]:
-    return {
-        "error": {
-            "code": code,
-            "message": message,
-            "request_id": current_request_id(),
-            "details": details,
-        }
+    error: dict[str, Any] = {
+        "code": code,
+        "message": message,
+        "request_id": current_request_id(),
+        "details": details,
     }
+    path = request_path.get()
+    for prefix, decorate in _decorators:
+        if path.startswith(prefix):
+            decorate(error)
+    return {"error": error}
 
 
 def error_response(

@@ -20,7 +20,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from helpline.core.errors import error_payload
+from helpline.core.errors import error_payload, request_path
 from helpline.core.logging import redact_url
 
 log = structlog.get_logger("helpline.request")
@@ -65,6 +65,7 @@ class RequestContextMiddleware:
         request_id = _incoming_request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.bind_contextvars(request_id=request_id)
+        path_token = request_path.set(scope.get("path", ""))
         started = time.perf_counter()
         status_code = 500
         response_started = False
@@ -105,6 +106,7 @@ class RequestContextMiddleware:
                     duration_ms=round((time.perf_counter() - started) * 1000, 2),
                 )
             structlog.contextvars.unbind_contextvars("request_id")
+            request_path.reset(path_token)
 
 
 class BodySizeLimitMiddleware:
