@@ -284,6 +284,16 @@ async def main(arguments: argparse.Namespace) -> int:
         f"search latency, {len(outcomes)} articles: p50={percentile(all_latencies, 0.5):.1f} ms "
         f"p95={percentile(all_latencies, 0.95):.1f} ms (k={RANKED}, {len(all_latencies)} queries)"
     )
+    if knowledge.embeddings.model_id:
+        embedding_ms = []
+        for question in all_questions:
+            begun = time.perf_counter()
+            await knowledge.embeddings.embed_query(question)
+            embedding_ms.append((time.perf_counter() - begun) * 1000)
+        print(
+            f"  of which embedding the query alone: p50={percentile(embedding_ms, 0.5):.1f} ms "
+            f"p95={percentile(embedding_ms, 0.95):.1f} ms"
+        )
     if arguments.synthetic_chunks:
         synthetic_dir = Path(tempfile.mkdtemp(prefix="helpline-eval-synthetic-"))
         synthetic_url = f"sqlite+aiosqlite:///{synthetic_dir / 'kb.db'}"
