@@ -208,9 +208,10 @@ class ChatConnection:
         if self._close is None or self.websocket.application_state != WebSocketState.CONNECTED:
             return
         code, reason = self._close
-        # A client that stopped reading may never take the close frame: don't wait for it.
+        # A slow client gets its close frame once it reads again; one that never does costs
+        # this wait, bounded like any send.
         with contextlib.suppress(Exception):
-            async with asyncio.timeout(1.0):
+            async with asyncio.timeout(self.settings.ws_send_timeout_s):
                 await self.websocket.close(code=code, reason=reason)
 
     async def _write_loop(self) -> None:
