@@ -14,6 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 import structlog
 from fastapi import APIRouter, Header, Query, Request, WebSocket
 from fastapi.responses import StreamingResponse
@@ -137,6 +138,11 @@ async def _sse_stream(
         finally:
             if pending is not None:
                 pending.cancel()
+                # Let the cancelled `anext` unwind the generator before closing it (`aclose`
+                # on a running generator raises). Shielded: the client may have just left, and
+                # the response's cancel scope cancels every other await here.
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait({pending})
             await frames.aclose()
     finally:
         metrics.SSE_STREAMS.dec()
