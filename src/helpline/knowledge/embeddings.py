@@ -23,7 +23,8 @@ import asyncio
 import importlib.util
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -137,6 +138,27 @@ def load_local_model(name_or_path: str) -> Any:
         return _models[name_or_path]
 
 
+@contextmanager
+def _threads(count: int | None) -> Iterator[None]:
+    """Run torch on `count` threads meanwhile (None: leave it as it is).
+
+    One query is a few dozen tokens: splitting that work across threads costs more in
+    synchronisation than it saves, and on a busy machine (other workers, the event loop)
+    several threads make a query many times slower. Batches (ingestion) keep every thread.
+    """
+    if count is None:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 class LocalEmbeddings:
     """sentence-transformers in this process (model loaded once, shared by every instance)."""
 
@@ -149,7 +171,7 @@ class LocalEmbeddings:
 
     def _encode(self, texts: list[str]) -> Vectors:
         model = load_local_model(self.model)
-        with _encode_locks[self.model]:
+        with _encode_locks[self.model], _threads(1 if len(texts) == 1 else None):
             encoded = model.encode(
                 texts,
                 batch_size=LOCAL_BATCH,
