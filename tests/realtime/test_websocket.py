@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from typing import Any
 
 import httpx
+import jwt
 import pytest
+from fastapi import FastAPI
 from prometheus_client import REGISTRY
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
 
 from helpline.agents.providers.fake import FakeChatModel
+from helpline.auth.security import TokenCodec, new_jti
+from helpline.kit.models import utcnow
 from tests.realtime.fixtures import PartyFactory
 from tests.realtime.helpers import (
     Answer,
@@ -166,6 +171,28 @@ async def test_a_revoked_logins_socket_is_closed_with_4001_and_other_logins_stay
         assert code == 4001
         await kept.send(type="ping")
         assert await kept.recv() == {"type": "pong"}
+
+
+async def test_a_socket_is_closed_with_4001_when_its_token_expires(
+    live_server: LiveServer, http: httpx.AsyncClient, person: PartyFactory, live_app: FastAPI
+) -> None:
+    alice = await person()
+    conversation_id = await new_conversation(http, alice)
+    claims = jwt.decode(alice.token, options={"verify_signature": False})
+    codec = TokenCodec.from_settings(live_app.state.settings, live_app.state.jwt_secret)
+    now = utcnow()
+    short_lived = codec.encode(
+        token_type="access",
+        user_id=alice.user.id,
+        login_id=uuid.UUID(claims["sid"]),
+        jti=new_jti(),
+        issued_at=now,
+        expires_at=now + timedelta(seconds=2),
+    )
+    async with open_socket(live_server.ws_url, conversation_id, short_lived) as socket:
+        await socket.ping()  # valid when it connected
+        code, _ = await socket.closed()
+    assert code == 4001
 
 
 # -- chatting ----------------------------------------------------------------------------------
@@ -744,6 +771,32 @@ async def test_status_frames_reach_every_socket(
                     "status": status,
                     "assigned_agent_id": assigned,
                 }
+
+
+async def test_a_customer_chat_reopens_a_resolved_conversation_for_every_socket(
+    live_server: LiveServer, http: httpx.AsyncClient, person: PartyFactory
+) -> None:
+    alice, agent = await person(), await person("agent")
+    conversation_id = await new_conversation(http, alice)
+    complete = await http.post(f"/conversations/{conversation_id}/complete", headers=alice.headers)
+    assert complete.status_code == 200
+    url = live_server.ws_url
+    async with (
+        open_socket(url, conversation_id, alice.token) as customer,
+        open_socket(url, conversation_id, agent.token) as staff,
+    ):
+        await staff.ping()
+        await customer.chat('[[reply="Welcome back."]] one more thing', "reopen-1")
+        for socket in (customer, staff):
+            assert (await socket.recv())["type"] == "message"
+            assert await socket.recv() == {
+                "type": "status",
+                "status": "open",
+                "assigned_agent_id": None,
+            }
+            answer = await socket.answer()
+            assert answer.final is not None
+            assert answer.final["message"]["content"] == "Welcome back."
 
 
 async def test_the_assigned_agents_message_reaches_the_customer_as_an_agent_message(
