@@ -13,7 +13,9 @@ tested through their SDKs, sockets and timeouts — nothing is mocked. It serves
 Each completion request plays one `Script`: queued ones first (`enqueue`), then whatever
 `responder` picks, then `default`. A script sets the pieces of text, a delay per piece, an HTTP
 error status, a hang (before the headers or after N pieces), a connection dropped after N
-pieces, an error event or a cleanly cut body after N pieces, and whether usage is reported.
+pieces, an error event or a cleanly cut body after N pieces, whether usage is reported, and the
+tool calls that follow the text (`ScriptedToolCall`: OpenAI `delta.tool_calls` chunks, or
+Anthropic `tool_use` blocks with `input_json_delta`s, their arguments in the given pieces).
 
 Everything the server saw is recorded: `requests` (method, path, headers, JSON body) and
 `closed_early`, the completion requests whose client closed the connection before the
@@ -51,6 +53,15 @@ _REASONS = {
 
 
 @dataclass(frozen=True)
+class ScriptedToolCall:
+    """A tool call the scripted model makes after its text; `arguments` is streamed in pieces."""
+
+    id: str
+    name: str
+    arguments: Sequence[str] = ("{}",)
+
+
+@dataclass(frozen=True)
 class Script:
     """What the server does for one completion request."""
 
@@ -66,6 +77,7 @@ class Script:
     prompt_tokens: int = 17
     completion_tokens: int | None = None  # default: one per piece
     error_message: str = "scripted failure"
+    tool_calls: Sequence[ScriptedToolCall] = ()
 
     @property
     def text(self) -> str:
@@ -401,6 +413,10 @@ class LLMTestServer:
             return self._end_body(connection, request)
         if script.truncate_after is not None and script.truncate_after >= count:
             return self._end_body(connection, request)
+        for event in events.tool_calls():
+            if script.delay_s:
+                await asyncio.sleep(script.delay_s)
+            connection.write_chunk(event)
         for event in events.closing():
             connection.write_chunk(event)
         return self._end_body(connection, request)
@@ -498,8 +514,27 @@ class _OpenAIEvents:
     def error(self, message: str) -> bytes:
         return _sse({"error": {"message": message, "type": "server_error"}})
 
+    def tool_calls(self) -> list[bytes]:
+        events: list[bytes] = []
+        for index, call in enumerate(self.script.tool_calls):
+            opening = {
+                "index": index,
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.name, "arguments": ""},
+            }
+            events.append(self._tool_delta(opening))
+            for piece in call.arguments:
+                events.append(self._tool_delta({"index": index, "function": {"arguments": piece}}))
+        return events
+
+    def _tool_delta(self, call: dict[str, Any]) -> bytes:
+        delta = {"tool_calls": [call]}
+        return self._chunk([{"index": 0, "delta": delta, "finish_reason": None}])
+
     def closing(self) -> list[bytes]:
-        events = [self._chunk([{"index": 0, "delta": {}, "finish_reason": "stop"}])]
+        reason = "tool_calls" if self.script.tool_calls else "stop"
+        events = [self._chunk([{"index": 0, "delta": {}, "finish_reason": reason}])]
         if self.script.usage and self.include_usage:
             completion = self.script.completion_tokens
             if completion is None:
@@ -547,18 +582,41 @@ class _AnthropicEvents:
         error = {"type": "error", "error": {"type": "overloaded_error", "message": message}}
         return _sse(error, "error")
 
+    def tool_calls(self) -> list[bytes]:
+        if not self.script.tool_calls:
+            return []
+        # The text block ends first; each tool call is a block of its own after it.
+        events = [_sse({"type": "content_block_stop", "index": 0}, "content_block_stop")]
+        for number, call in enumerate(self.script.tool_calls, start=1):
+            block = {"type": "tool_use", "id": call.id, "name": call.name, "input": {}}
+            start = {"type": "content_block_start", "index": number, "content_block": block}
+            events.append(_sse(start, "content_block_start"))
+            for piece in call.arguments:
+                delta = {"type": "input_json_delta", "partial_json": piece}
+                event = {"type": "content_block_delta", "index": number, "delta": delta}
+                events.append(_sse(event, "content_block_delta"))
+            stop = {"type": "content_block_stop", "index": number}
+            events.append(_sse(stop, "content_block_stop"))
+        return events
+
     def closing(self) -> list[bytes]:
+        reason = "tool_use" if self.script.tool_calls else "end_turn"
         delta: dict[str, Any] = {
             "type": "message_delta",
-            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "delta": {"stop_reason": reason, "stop_sequence": None},
         }
         if self.script.usage:
             completion = self.script.completion_tokens
             if completion is None:
                 completion = len(self.script.chunks)
             delta["usage"] = {"output_tokens": completion}
+        events = (
+            []
+            if self.script.tool_calls
+            else [_sse({"type": "content_block_stop", "index": 0}, "content_block_stop")]
+        )
         return [
-            _sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+            *events,
             _sse(delta, "message_delta"),
             _sse({"type": "message_stop"}, "message_stop"),
         ]

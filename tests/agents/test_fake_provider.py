@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
 
 from helpline.agents.exceptions import LLMServiceError
 from helpline.agents.providers.fake import FakeChatModel, parse_script, split_pieces
-from helpline.agents.schemas import ChatMessage, TextDelta, Usage
+from helpline.agents.schemas import ChatMessage, TextDelta, ToolCall, ToolSpec, Usage
 from helpline.agents.tokens import estimate_prompt_tokens, estimate_tokens
 
 
@@ -158,3 +159,69 @@ def test_bad_and_unknown_directives_are_ignored() -> None:
 )
 def test_pieces_rebuild_the_text_exactly(text: str) -> None:
     assert "".join(split_pieces(text)) == text
+
+
+# -- tool calls ------------------------------------------------------------------------------
+
+SEARCH = ToolSpec(
+    name="search_knowledge_base",
+    description="Search.",
+    parameters={"type": "object", "properties": {"query": {"type": "string"}}},
+)
+TOOL_QUESTION = (
+    'Where is my refund? [[tool=search_knowledge_base query="refund \\"annual\\" plan"]] '
+    '[[tool=escalate_to_human reason="Asked twice"]] [[reply="Here it is."]]'
+)
+
+
+def test_tool_blocks_are_tool_calls_with_their_arguments() -> None:
+    script = parse_script(TOOL_QUESTION)
+
+    assert script.tool_calls == (
+        ("search_knowledge_base", {"query": 'refund "annual" plan'}),
+        ("escalate_to_human", {"reason": "Asked twice"}),
+    )
+    assert script.reply == "Here it is."
+    assert script.question == "Where is my refund?"
+
+
+async def test_offered_tools_it_calls_them_before_answering() -> None:
+    model = FakeChatModel()
+    messages = [ChatMessage(role="user", content=TOOL_QUESTION)]
+
+    events = [event async for event in model.stream(messages, tools=[SEARCH])]
+
+    calls = [
+        ToolCall("call_1", "search_knowledge_base", json.dumps({"query": 'refund "annual" plan'})),
+        ToolCall("call_2", "escalate_to_human", json.dumps({"reason": "Asked twice"})),
+    ]
+    assert events == [
+        *calls,
+        Usage(
+            prompt_tokens=estimate_prompt_tokens(messages),
+            completion_tokens=sum(estimate_tokens(c.name + c.arguments) for c in calls),
+        ),
+    ]
+    assert model.offered_tools[-1] == ("search_knowledge_base",)
+    assert model.completed_streams == 1
+
+
+async def test_with_the_tool_results_in_it_answers_with_text() -> None:
+    model = FakeChatModel()
+    call = ToolCall("call_1", "search_knowledge_base", '{"query": "refund"}')
+    messages = [
+        ChatMessage(role="user", content=TOOL_QUESTION),
+        ChatMessage(role="assistant", content="", tool_calls=(call,)),
+        ChatMessage(role="tool", content="No passage.", tool_call_id="call_1"),
+    ]
+
+    events = [event async for event in model.stream(messages, tools=[SEARCH])]
+
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == "Here it is."
+    assert not any(isinstance(event, ToolCall) for event in events)
+
+
+async def test_offered_no_tools_it_ignores_the_tool_blocks() -> None:
+    texts, _ = await run(FakeChatModel(), TOOL_QUESTION)
+
+    assert "".join(texts) == "Here it is."

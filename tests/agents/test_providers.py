@@ -1,8 +1,9 @@
 """The `openai` and `anthropic` providers against a real HTTP model server on 127.0.0.1.
 
 Every behaviour runs for both providers (the `provider` fixture): streamed text, usage,
-retries only before the first token, every failure mapped to `LLMServiceError`, and
-cancellation closing the upstream connection, observed from the server's side.
+retries only before the first token, every failure mapped to `LLMServiceError`,
+cancellation closing the upstream connection, observed from the server's side, and tool
+calling (tools offered, calls streamed back, calls and results sent again).
 """
 
 from __future__ import annotations
@@ -10,16 +11,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import pytest
 
 from helpline.agents.exceptions import LLMServiceError
 from helpline.agents.providers.anthropic import AnthropicChatModel
 from helpline.agents.providers.openai import OpenAIChatModel
-from helpline.agents.schemas import ChatMessage, TextDelta, Usage
+from helpline.agents.schemas import ChatMessage, TextDelta, ToolCall, ToolSpec, Usage
 from helpline.agents.tokens import estimate_prompt_tokens, estimate_tokens
 from tests.agents.conftest import ModelFactory
-from tests.llm_server import LLMTestServer, Script
+from tests.llm_server import LLMTestServer, Script, ScriptedToolCall
 from tests.servers import free_port
 
 MESSAGES = (
@@ -38,6 +40,12 @@ async def collect(stream: AsyncIterator[TextDelta | Usage]) -> tuple[list[str], 
         else:
             usages.append(event)
     return texts, usages
+
+
+async def collect_events(
+    stream: AsyncIterator[TextDelta | ToolCall | Usage],
+) -> list[TextDelta | ToolCall | Usage]:
+    return [event async for event in stream]
 
 
 async def collect_until_failure(
@@ -386,3 +394,156 @@ async def test_anthropic_request_separates_the_system_prompt(llm_server: LLMTest
     assert (request.body["model"], request.body["max_tokens"]) == ("claude-sonnet-4-6", 300)
     assert request.body["stream"] is True
     assert "temperature" not in request.body  # refused by the API version the SDK speaks
+
+
+# -- tool calling ------------------------------------------------------------------------------
+
+SEARCH = ToolSpec(
+    name="search_knowledge_base",
+    description="Search the help centre.",
+    parameters={
+        "type": "object",
+        "properties": {"query": {"type": "string"}},
+        "required": ["query"],
+    },
+)
+ESCALATE = ToolSpec(
+    name="escalate_to_human",
+    description="Hand the conversation to a person.",
+    parameters={
+        "type": "object",
+        "properties": {"reason": {"type": "string"}},
+        "required": ["reason"],
+    },
+)
+TOOL_SCRIPT = Script(
+    chunks=["Let me", " check."],
+    tool_calls=[
+        ScriptedToolCall("call_a", "search_knowledge_base", ['{"que', 'ry": "refund', ' window"}']),
+        ScriptedToolCall("call_b", "escalate_to_human", ['{"reason": "asks for a person"}']),
+    ],
+    prompt_tokens=40,
+    completion_tokens=9,
+)
+
+
+async def test_tool_calls_come_whole_after_the_text(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    llm_server.enqueue(TOOL_SCRIPT)
+
+    events = [event async for event in make_model().stream(MESSAGES, tools=[SEARCH, ESCALATE])]
+
+    assert events == [
+        TextDelta("Let me"),
+        TextDelta(" check."),
+        ToolCall("call_a", "search_knowledge_base", '{"query": "refund window"}'),
+        ToolCall("call_b", "escalate_to_human", '{"reason": "asks for a person"}'),
+        Usage(prompt_tokens=40, completion_tokens=9),
+    ]
+
+
+async def test_estimated_usage_counts_the_tool_calls(
+    make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    llm_server.enqueue(replace(TOOL_SCRIPT, usage=False))
+
+    events = [event async for event in make_model().stream(MESSAGES, tools=[SEARCH, ESCALATE])]
+
+    calls = [event for event in events if isinstance(event, ToolCall)]
+    assert events[-1] == Usage(
+        prompt_tokens=estimate_prompt_tokens(MESSAGES),
+        completion_tokens=estimate_tokens("Let me check.")
+        + sum(estimate_tokens(call.name + call.arguments) for call in calls),
+        estimated=True,
+    )
+
+
+async def test_tools_are_offered_in_the_provider_format(
+    provider: str, make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    await collect_events(make_model().stream(MESSAGES, tools=[SEARCH]))
+    await collect_events(make_model().stream(MESSAGES))
+
+    offered, plain = llm_server.completion_requests
+    if provider == "openai":
+        assert offered.body["tools"] == [
+            {
+                "type": "function",
+                "function": {
+                    "name": "search_knowledge_base",
+                    "description": "Search the help centre.",
+                    "parameters": dict(SEARCH.parameters),
+                },
+            }
+        ]
+    else:
+        assert offered.body["tools"] == [
+            {
+                "name": "search_knowledge_base",
+                "description": "Search the help centre.",
+                "input_schema": dict(SEARCH.parameters),
+            }
+        ]
+    assert "tools" not in plain.body
+
+
+async def test_tool_calls_and_results_go_back_in_the_provider_format(
+    provider: str, make_model: ModelFactory, llm_server: LLMTestServer
+) -> None:
+    messages = [
+        *MESSAGES,
+        ChatMessage(
+            role="assistant",
+            content="Let me check.",
+            tool_calls=(ToolCall("call_a", "search_knowledge_base", '{"query": "reset"}'),),
+        ),
+        ChatMessage(role="tool", content="[1] Reset your password ...", tool_call_id="call_a"),
+    ]
+
+    await collect_events(make_model().stream(messages, tools=[SEARCH]))
+
+    [request] = llm_server.completion_requests
+    if provider == "openai":
+        assert request.body["messages"][2:] == [
+            {
+                "role": "assistant",
+                "content": "Let me check.",
+                "tool_calls": [
+                    {
+                        "id": "call_a",
+                        "type": "function",
+                        "function": {
+                            "name": "search_knowledge_base",
+                            "arguments": '{"query": "reset"}',
+                        },
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": "call_a", "content": "[1] Reset your password ..."},
+        ]
+    else:
+        assert request.body["messages"][1:] == [
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "Let me check."},
+                    {
+                        "type": "tool_use",
+                        "id": "call_a",
+                        "name": "search_knowledge_base",
+                        "input": {"query": "reset"},
+                    },
+                ],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "call_a",
+                        "content": "[1] Reset your password ...",
+                    }
+                ],
+            },
+        ]

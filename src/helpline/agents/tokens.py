@@ -55,8 +55,15 @@ def estimate_tokens(text: str) -> int:
 
 
 def estimate_message_tokens(message: ChatMessage) -> int:
-    """Estimate the tokens one chat message takes in a prompt, its role and separators included."""
-    return TOKENS_PER_MESSAGE + estimate_tokens(message.content)
+    """Estimate the tokens one chat message takes in a prompt, its role and separators included.
+
+    The tool calls an assistant message carries count as well: their names and arguments are
+    sent back to the model with the conversation.
+    """
+    tokens = TOKENS_PER_MESSAGE + estimate_tokens(message.content)
+    for call in message.tool_calls:
+        tokens += TOKENS_PER_MESSAGE + estimate_tokens(call.name) + estimate_tokens(call.arguments)
+    return tokens
 
 
 def estimate_prompt_tokens(messages: Iterable[ChatMessage]) -> int:

@@ -2,10 +2,15 @@
 
 The stream is `POST {LLM_BASE_URL}/v1/messages` with `stream: true`; the system prompt goes in
 the request's `system` field (the Messages API takes no `system` role in `messages`), and
-consecutive messages of one role are merged into one turn. Server-sent events, in order:
+consecutive messages of one role are merged into one turn. Tools, when offered, go in `tools`
+(`input_schema`); an assistant message's tool calls become `tool_use` blocks and a `tool`
+message a `tool_result` block of the next user turn. Server-sent events, in order:
 
 - `message_start` — `message.usage.input_tokens` (plus cache reads and writes): the prompt;
 - `content_block_delta` with a `text_delta` — a piece of text, yielded as one `TextDelta`;
+- `content_block_start` of a `tool_use` block (its `id` and `name`), then `input_json_delta`s
+  with the pieces of its input: a tool call, yielded whole as one `ToolCall` once the stream
+  has finished, in block order, before the `Usage`;
 - `message_delta` — `usage.output_tokens`, cumulative: the completion;
 - `message_stop` — the end; a stream that ends without it broke off and fails;
 - `error` (e.g. `overloaded_error`) — the provider gave up mid-stream; `ping`s are skipped.
@@ -19,8 +24,10 @@ in `helpline.agents.providers.openai`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncGenerator, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, overload
 
 import anthropic
 import anyio
@@ -35,11 +42,11 @@ from helpline.agents.providers.streaming import (
     status_message,
     stream_with_retries,
 )
-from helpline.agents.schemas import ChatMessage, TextDelta, Usage
+from helpline.agents.schemas import ChatMessage, TextDelta, ToolCall, ToolSpec, Usage
 from helpline.agents.tokens import estimate_prompt_tokens, estimate_tokens
 
 if TYPE_CHECKING:
-    from anthropic.types import MessageParam
+    from anthropic.types import ContentBlockParam, MessageParam, ToolParam
 
 DEFAULT_MODEL = ANTHROPIC_DEFAULT_MODEL
 # A compatible gateway may need no key, but the SDK refuses to send a request without one;
@@ -48,24 +55,91 @@ NO_API_KEY = "no-key-required"
 CHECK_TIMEOUT_S = 2.0
 
 
+def _tool_input(arguments: str) -> dict[str, object]:
+    """A tool call's arguments as the object the API wants back (`{}` if they were not one)."""
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _blocks(run: Sequence[ChatMessage]) -> list[ContentBlockParam]:
+    blocks: list[ContentBlockParam] = []
+    for message in run:
+        if message.role == "tool":
+            blocks.append(
+                {
+                    "type": "tool_result",
+                    "tool_use_id": message.tool_call_id or "",
+                    "content": message.content,
+                }
+            )
+            continue
+        if message.content:
+            blocks.append({"type": "text", "text": message.content})
+        for call in message.tool_calls:
+            blocks.append(
+                {
+                    "type": "tool_use",
+                    "id": call.id,
+                    "name": call.name,
+                    "input": _tool_input(call.arguments),
+                }
+            )
+    return blocks
+
+
 def split_system(messages: Sequence[ChatMessage]) -> tuple[str, list[MessageParam]]:
-    """The system prompt (all system messages joined) and the turns, same-role runs merged."""
+    """The system prompt (all system messages joined) and the turns, same-role runs merged.
+
+    Tool results are user turns for the Messages API. A turn of plain text is sent as one
+    string; one with tool calls or results as content blocks.
+    """
     system = "\n\n".join(m.content for m in messages if m.role == "system")
-    runs: list[tuple[str, list[str]]] = []
+    runs: list[tuple[str, list[ChatMessage]]] = []
     for message in messages:
         if message.role == "system":
             continue
-        if runs and runs[-1][0] == message.role:
-            runs[-1][1].append(message.content)
+        role = "assistant" if message.role == "assistant" else "user"
+        if runs and runs[-1][0] == role:
+            runs[-1][1].append(message)
         else:
-            runs.append((message.role, [message.content]))
-    turns: list[MessageParam] = [
-        {"role": "assistant", "content": "\n\n".join(parts)}
-        if role == "assistant"
-        else {"role": "user", "content": "\n\n".join(parts)}
-        for role, parts in runs
-    ]
+            runs.append((role, [message]))
+    turns: list[MessageParam] = []
+    for role, run in runs:
+        plain = all(m.role != "tool" and not m.tool_calls for m in run)
+        if plain:
+            text = "\n\n".join(m.content for m in run)
+            if role == "assistant":
+                turns.append({"role": "assistant", "content": text})
+            else:
+                turns.append({"role": "user", "content": text})
+        elif role == "assistant":
+            turns.append({"role": "assistant", "content": _blocks(run)})
+        else:
+            turns.append({"role": "user", "content": _blocks(run)})
     return system, turns
+
+
+def to_anthropic_tool(spec: ToolSpec) -> ToolParam:
+    return {
+        "name": spec.name,
+        "description": spec.description,
+        "input_schema": dict(spec.parameters),
+    }
+
+
+@dataclass
+class _PartialCall:
+    """A `tool_use` block being streamed: its id and name first, its input JSON in pieces."""
+
+    id: str
+    name: str
+    arguments: list[str] = field(default_factory=list)
+
+    def finished(self) -> ToolCall:
+        return ToolCall(id=self.id, name=self.name, arguments="".join(self.arguments) or "{}")
 
 
 class AnthropicChatModel:
@@ -99,19 +173,32 @@ class AnthropicChatModel:
             max_retries=0,
         )
 
-    def stream(self, messages: Sequence[ChatMessage]) -> AsyncGenerator[TextDelta | Usage, None]:
-        """Stream the reply to `messages`: text pieces, then exactly one `Usage`."""
+    @overload
+    def stream(
+        self, messages: Sequence[ChatMessage]
+    ) -> AsyncGenerator[TextDelta | Usage, None]: ...
+
+    @overload
+    def stream(
+        self, messages: Sequence[ChatMessage], *, tools: Sequence[ToolSpec]
+    ) -> AsyncGenerator[TextDelta | ToolCall | Usage, None]: ...
+
+    def stream(
+        self, messages: Sequence[ChatMessage], *, tools: Sequence[ToolSpec] = ()
+    ) -> AsyncGenerator[TextDelta | ToolCall | Usage, None]:
+        """Stream the reply to `messages`: text pieces, tool calls, then exactly one `Usage`."""
         messages = tuple(messages)
+        tools = tuple(tools)
         return stream_with_retries(
-            lambda: self._attempt(messages),
+            lambda: self._attempt(messages, tools),
             policy=self._retry,
             provider=self.provider,
             model=self.model,
         )
 
     async def _attempt(
-        self, messages: Sequence[ChatMessage]
-    ) -> AsyncGenerator[TextDelta | Usage, None]:
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]
+    ) -> AsyncGenerator[TextDelta | ToolCall | Usage, None]:
         system, turns = split_system(messages)
         try:
             stream = await self._client.messages.create(
@@ -120,11 +207,13 @@ class AnthropicChatModel:
                 messages=turns,
                 stream=True,
                 system=system or anthropic.omit,
+                tools=[to_anthropic_tool(spec) for spec in tools] if tools else anthropic.omit,
             )
         except Exception as exc:
             raise self._failure(exc, streaming=False) from exc
 
         parts: list[str] = []
+        calls: dict[int, _PartialCall] = {}
         prompt_tokens: int | None = None
         completion_tokens: int | None = None
         finished = False
@@ -139,10 +228,16 @@ class AnthropicChatModel:
                             + (usage.cache_creation_input_tokens or 0)
                             + (usage.cache_read_input_tokens or 0)
                         )
+                elif event.type == "content_block_start":
+                    block = event.content_block
+                    if block.type == "tool_use":
+                        calls[event.index] = _PartialCall(id=block.id, name=block.name)
                 elif event.type == "content_block_delta":
                     if event.delta.type == "text_delta" and event.delta.text:
                         parts.append(event.delta.text)
                         yield TextDelta(event.delta.text)
+                    elif event.delta.type == "input_json_delta" and event.index in calls:
+                        calls[event.index].arguments.append(event.delta.partial_json)
                 elif event.type == "message_delta":
                     delta_usage = getattr(event, "usage", None)
                     if delta_usage is not None:
@@ -159,12 +254,16 @@ class AnthropicChatModel:
             raise ProviderFailure(
                 "The AI model's answer broke off before it finished", retryable=True
             )
+        requested = [calls[index].finished() for index in sorted(calls)]
+        for call in requested:
+            yield call
         if prompt_tokens is not None and completion_tokens is not None:
             yield Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
         else:
             yield Usage(
                 prompt_tokens=estimate_prompt_tokens(messages),
-                completion_tokens=estimate_tokens("".join(parts)),
+                completion_tokens=estimate_tokens("".join(parts))
+                + sum(estimate_tokens(call.name + call.arguments) for call in requested),
                 estimated=True,
             )
 

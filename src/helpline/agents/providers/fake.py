@@ -11,6 +11,7 @@ spaces goes in double quotes, where `\\"` and `\\\\` escape a quote and a backsl
     [[fail_after=5]]              5 pieces, then `LLMServiceError`
     [[hang_after=3]]              3 pieces, then wait forever (until cancelled)
     [[usage=off]]                 report no provider usage: an estimate comes instead
+    [[tool=escalate_to_human reason="Wants a refund"]]    call a tool first (see below)
 
 | directive | meaning |
 |---|---|
@@ -21,6 +22,15 @@ spaces goes in double quotes, where `\\"` and `\\\\` escape a quote and a backsl
 | `fail_after=N` | raise `LLMServiceError` after N pieces (`fail` = `fail_after=0`) |
 | `hang_after=N` | stop after N pieces and wait until cancelled (`hang` = `hang_after=0`) |
 | `usage=off` | end with an estimated `Usage` (as for a provider that reports none) |
+| `tool=NAME key="value" …` | call tool `NAME`, the block's other pairs being its arguments |
+
+**Tool calls.** A block with `tool=NAME` asks for a tool instead of giving directives: every
+other pair in that block is one of the call's arguments (a JSON object of strings), e.g.
+`[[tool=search_knowledge_base query="refund window"]]`; several such blocks ask for several
+calls at once, in order. When the model is offered tools (`stream(..., tools=...)`) and the
+messages after the last user message hold no tool result yet, it answers with those calls
+(`ToolCall`s with ids `call_1`, `call_2`, …, then its `Usage`) and no text; once the results
+are in, it answers with its text as usual. Offered no tools, it ignores these blocks.
 
 Pieces are words with their leading whitespace, so concatenating the `TextDelta`s rebuilds the
 text exactly. Every piece is awaited (`asyncio.sleep`, zero by default), so the stream yields
@@ -30,22 +40,24 @@ tokens = the number of pieces. Unknown directives and bad values are ignored (an
 
 The instance counts its streams — `active_streams` (running now), `completed_streams`,
 `failed_streams`, `cancelled_streams` (stopped by cancellation or closed early) — and keeps the
-last requests' messages in `requests`, so tests can check that a cancel reached the provider.
+last requests' messages in `requests` (and the names of the tools offered with them in
+`offered_tools`), so tests can check that a cancel reached the provider.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import structlog
 
 from helpline.agents.exceptions import LLMServiceError
-from helpline.agents.schemas import ChatMessage, TextDelta, Usage
+from helpline.agents.schemas import ChatMessage, TextDelta, ToolCall, ToolSpec, Usage
 from helpline.agents.tokens import estimate_prompt_tokens, estimate_tokens
 
 log = structlog.get_logger(__name__)
@@ -71,12 +83,27 @@ class Script:
     fail_after: int | None = None
     hang_after: int | None = None
     usage: bool = True
+    # (tool name, arguments) of each `[[tool=...]]` block, in order.
+    tool_calls: tuple[tuple[str, dict[str, str]], ...] = ()
+
+
+def _tool_block(block: str) -> tuple[str, dict[str, str]] | None:
+    """The tool call a `[[tool=NAME key="value" …]]` block asks for, or None for other blocks."""
+    pairs = [(key, _unquote(raw)) for key, raw in _DIRECTIVE.findall(block)]
+    name = next((value for key, value in pairs if key.lower() == "tool" and value), None)
+    if name is None:
+        return None
+    return name, {key: value for key, value in pairs if key.lower() != "tool"}
 
 
 def parse_script(text: str) -> Script:
     """Read the `[[...]]` directives in `text`; the rest of the text is the question."""
     values: dict[str, Any] = {}
+    tool_calls: list[tuple[str, dict[str, str]]] = []
     for block in _BLOCK.findall(text):
+        if (tool_call := _tool_block(block)) is not None:
+            tool_calls.append(tool_call)
+            continue
         for key, raw in _DIRECTIVE.findall(block):
             key = key.lower().replace("-", "_")
             if key in _FLAGS and not raw:
@@ -95,7 +122,7 @@ def parse_script(text: str) -> Script:
             else:
                 log.warning("fake_model.unknown_directive", directive=key)
     question = " ".join(_BLOCK.sub(" ", text).split())
-    return Script(question=question, **values)
+    return Script(question=question, tool_calls=tuple(tool_calls), **values)
 
 
 def _unquote(raw: str) -> str:
@@ -148,6 +175,8 @@ class FakeChatModel:
         self.failed_streams = 0
         self.cancelled_streams = 0
         self.requests: deque[tuple[ChatMessage, ...]] = deque(maxlen=REQUESTS_KEPT)
+        # The names of the tools offered with each request (empty when none were).
+        self.offered_tools: deque[tuple[str, ...]] = deque(maxlen=REQUESTS_KEPT)
 
     def pieces_for(self, script: Script) -> list[str]:
         """The text pieces this script answers."""
@@ -156,21 +185,64 @@ class FakeChatModel:
         pieces = split_pieces(default_answer(script.question))
         return pieces if script.tokens is None else _sized(pieces, script.tokens)
 
-    async def stream(
+    @overload
+    def stream(
         self, messages: Sequence[ChatMessage]
-    ) -> AsyncGenerator[TextDelta | Usage, None]:
-        """Stream the scripted answer to the last user message, then its `Usage`."""
+    ) -> AsyncGenerator[TextDelta | Usage, None]: ...
+
+    @overload
+    def stream(
+        self, messages: Sequence[ChatMessage], *, tools: Sequence[ToolSpec]
+    ) -> AsyncGenerator[TextDelta | ToolCall | Usage, None]: ...
+
+    def stream(
+        self, messages: Sequence[ChatMessage], *, tools: Sequence[ToolSpec] = ()
+    ) -> AsyncGenerator[TextDelta | ToolCall | Usage, None]:
+        """Stream the scripted answer to the last user message, then its `Usage`.
+
+        Offered `tools`, a message with `[[tool=...]]` blocks is answered with those tool calls
+        first (see the module docstring).
+        """
         messages = tuple(messages)
         self.requests.append(messages)
-        last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
+        self.offered_tools.append(tuple(spec.name for spec in tools))
+        return self._stream(messages, offers_tools=bool(tools))
+
+    async def _stream(
+        self, messages: tuple[ChatMessage, ...], *, offers_tools: bool
+    ) -> AsyncGenerator[TextDelta | ToolCall | Usage, None]:
+        last_user_index = max(
+            (index for index, message in enumerate(messages) if message.role == "user"),
+            default=-1,
+        )
+        last_user = messages[last_user_index].content if last_user_index >= 0 else ""
         script = parse_script(last_user)
-        pieces = self.pieces_for(script)
+        answered = any(m.role == "tool" for m in messages[last_user_index + 1 :])
+        calls_tools = offers_tools and bool(script.tool_calls) and not answered
+        pieces = [] if calls_tools else self.pieces_for(script)
         delay_ms = self.delay_ms if script.delay_ms is None else script.delay_ms
         first_delay_ms = delay_ms if script.first_delay_ms is None else script.first_delay_ms
 
         self.active_streams += 1
         outcome = "cancelled"
         try:
+            if calls_tools:
+                calls = [
+                    ToolCall(id=f"call_{number}", name=name, arguments=json.dumps(arguments))
+                    for number, (name, arguments) in enumerate(script.tool_calls, start=1)
+                ]
+                await asyncio.sleep(first_delay_ms / 1000)
+                for call in calls:
+                    yield call
+                outcome = "completed"
+                yield Usage(
+                    prompt_tokens=estimate_prompt_tokens(messages),
+                    completion_tokens=sum(
+                        estimate_tokens(call.name + call.arguments) for call in calls
+                    ),
+                    estimated=not script.usage,
+                )
+                return
             for index, piece in enumerate(pieces):
                 if index == script.fail_after:
                     outcome = "failed"

@@ -5,6 +5,10 @@ official `openai` SDK. The stream is `POST {LLM_BASE_URL}/chat/completions` with
 and `stream_options.include_usage`, read as server-sent `chat.completion.chunk` objects:
 
 - `choices[0].delta.content` — a piece of text, yielded as one `TextDelta`;
+- `choices[0].delta.tool_calls` — when `tools` were offered: pieces of the tool calls the model
+  makes, keyed by `index` (the first piece of a call has its `id` and function `name`, the rest
+  add to its `arguments` text); each call is yielded whole as one `ToolCall` once the stream
+  has finished, in `index` order, before the `Usage`;
 - `choices[0].finish_reason` — set on the last content chunk; a stream that ends without it
   broke off (a proxy cut it, the server died) and fails rather than passing as complete;
 - a last chunk with `choices: []` and `usage` — the provider's token counts. OpenAI sends none
@@ -20,7 +24,8 @@ after that long.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, overload
 
 import httpx2
 import openai
@@ -34,11 +39,11 @@ from helpline.agents.providers.streaming import (
     status_message,
     stream_with_retries,
 )
-from helpline.agents.schemas import ChatMessage, TextDelta, Usage
+from helpline.agents.schemas import ChatMessage, TextDelta, ToolCall, ToolSpec, Usage
 from helpline.agents.tokens import estimate_prompt_tokens, estimate_tokens
 
 if TYPE_CHECKING:
-    from openai.types.chat import ChatCompletionMessageParam
+    from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolUnionParam
 
 DEFAULT_MODEL = OPENAI_DEFAULT_MODEL
 # Self-hosted servers (vLLM, Ollama, llama.cpp) need no key, but the SDK insists on one;
@@ -51,8 +56,55 @@ def to_openai_message(message: ChatMessage) -> ChatCompletionMessageParam:
     if message.role == "system":
         return {"role": "system", "content": message.content}
     if message.role == "assistant":
+        if message.tool_calls:
+            return {
+                "role": "assistant",
+                # `null` rather than "" beside tool calls: some compatible servers refuse both.
+                "content": message.content or None,
+                "tool_calls": [
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": call.arguments},
+                    }
+                    for call in message.tool_calls
+                ],
+            }
         return {"role": "assistant", "content": message.content}
+    if message.role == "tool":
+        return {
+            "role": "tool",
+            "tool_call_id": message.tool_call_id or "",
+            "content": message.content,
+        }
     return {"role": "user", "content": message.content}
+
+
+def to_openai_tool(spec: ToolSpec) -> ChatCompletionToolUnionParam:
+    return {
+        "type": "function",
+        "function": {
+            "name": spec.name,
+            "description": spec.description,
+            "parameters": dict(spec.parameters),
+        },
+    }
+
+
+@dataclass
+class _PartialCall:
+    """A tool call being streamed: its id and name come first, its arguments in pieces."""
+
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+    def finished(self, index: int) -> ToolCall:
+        return ToolCall(
+            id=self.id or f"call_{index}",
+            name=self.name,
+            arguments="".join(self.arguments) or "{}",
+        )
 
 
 class OpenAIChatModel:
@@ -93,24 +145,38 @@ class OpenAIChatModel:
             max_retries=0,
         )
 
-    def stream(self, messages: Sequence[ChatMessage]) -> AsyncGenerator[TextDelta | Usage, None]:
-        """Stream the completion of `messages`: text pieces, then exactly one `Usage`."""
+    @overload
+    def stream(
+        self, messages: Sequence[ChatMessage]
+    ) -> AsyncGenerator[TextDelta | Usage, None]: ...
+
+    @overload
+    def stream(
+        self, messages: Sequence[ChatMessage], *, tools: Sequence[ToolSpec]
+    ) -> AsyncGenerator[TextDelta | ToolCall | Usage, None]: ...
+
+    def stream(
+        self, messages: Sequence[ChatMessage], *, tools: Sequence[ToolSpec] = ()
+    ) -> AsyncGenerator[TextDelta | ToolCall | Usage, None]:
+        """Stream the completion of `messages`: text pieces, tool calls, then one `Usage`."""
         messages = tuple(messages)
+        tools = tuple(tools)
         return stream_with_retries(
-            lambda: self._attempt(messages),
+            lambda: self._attempt(messages, tools),
             policy=self._retry,
             provider=self.provider,
             model=self.model,
         )
 
     async def _attempt(
-        self, messages: Sequence[ChatMessage]
-    ) -> AsyncGenerator[TextDelta | Usage, None]:
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]
+    ) -> AsyncGenerator[TextDelta | ToolCall | Usage, None]:
         payload = [to_openai_message(message) for message in messages]
         try:
             stream = await self._client.chat.completions.create(
                 model=self.model,
                 messages=payload,
+                tools=[to_openai_tool(spec) for spec in tools] if tools else openai.omit,
                 stream=True,
                 stream_options={"include_usage": True},
                 max_completion_tokens=self.max_tokens
@@ -123,6 +189,7 @@ class OpenAIChatModel:
             raise self._failure(exc, streaming=False) from exc
 
         parts: list[str] = []
+        calls: dict[int, _PartialCall] = {}
         usage: Usage | None = None
         finished = False
         try:
@@ -135,10 +202,21 @@ class OpenAIChatModel:
                 for choice in chunk.choices:
                     if choice.index != 0:
                         continue
-                    text = choice.delta.content if choice.delta is not None else None
+                    delta = choice.delta
+                    text = delta.content if delta is not None else None
                     if text:
                         parts.append(text)
                         yield TextDelta(text)
+                    for piece in (delta.tool_calls if delta is not None else None) or ():
+                        partial = calls.setdefault(piece.index, _PartialCall())
+                        if piece.id:
+                            partial.id = piece.id
+                        if piece.function is not None:
+                            # Sent once by OpenAI; some compatible servers repeat it.
+                            if piece.function.name and not partial.name:
+                                partial.name = piece.function.name
+                            if piece.function.arguments:
+                                partial.arguments.append(piece.function.arguments)
                     if choice.finish_reason is not None:
                         finished = True
         except Exception as exc:
@@ -151,9 +229,13 @@ class OpenAIChatModel:
             raise ProviderFailure(
                 "The AI model's answer broke off before it finished", retryable=True
             )
+        requested = [calls[index].finished(index) for index in sorted(calls)]
+        for call in requested:
+            yield call
         yield usage or Usage(
             prompt_tokens=estimate_prompt_tokens(messages),
-            completion_tokens=estimate_tokens("".join(parts)),
+            completion_tokens=estimate_tokens("".join(parts))
+            + sum(estimate_tokens(call.name + call.arguments) for call in requested),
             estimated=True,
         )
 

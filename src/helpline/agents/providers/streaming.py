@@ -1,10 +1,11 @@
 """What the network providers share: bounded retries before the first token, and failures.
 
-A provider implements one *attempt* — open the HTTP stream, yield `TextDelta`s, then one
-`Usage` — and raises `ProviderFailure` (with a client-safe message and whether another attempt
-could help) for anything that goes wrong. `stream_with_retries` runs attempts: it retries a
-failed attempt with exponential backoff only while no text has been yielded, because text
-already sent to clients cannot be taken back and a second attempt would answer differently.
+A provider implements one *attempt* — open the HTTP stream, yield `TextDelta`s (and, when
+tools were offered, `ToolCall`s), then one `Usage` — and raises `ProviderFailure` (with a
+client-safe message and whether another attempt could help) for anything that goes wrong.
+`stream_with_retries` runs attempts: it retries a failed attempt with exponential backoff only
+while no text or tool call has been yielded, because text already sent to clients cannot be
+taken back, a tool may already be running, and a second attempt would answer differently.
 Every failure that is not retried leaves as `LLMServiceError`.
 
 The attempt generator is closed through `aclosing`, so cancelling the task that iterates the
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import structlog
 
 from helpline.agents.exceptions import LLMServiceError
-from helpline.agents.schemas import TextDelta, Usage
+from helpline.agents.schemas import TextDelta, ToolCall, Usage
 
 log = structlog.get_logger(__name__)
 
@@ -72,20 +73,21 @@ class RetryPolicy:
         return ceiling * random.uniform(0.5, 1.0)  # jitter, not security
 
 
-Attempt = Callable[[], AsyncGenerator[TextDelta | Usage, None]]
+StreamEvent = TextDelta | ToolCall | Usage
+Attempt = Callable[[], AsyncGenerator[StreamEvent, None]]
 
 
 async def stream_with_retries(
     attempt: Attempt, *, policy: RetryPolicy, provider: str, model: str
-) -> AsyncGenerator[TextDelta | Usage, None]:
-    """Run `attempt` until it succeeds, retrying only failures that happen before any text."""
+) -> AsyncGenerator[StreamEvent, None]:
+    """Run `attempt` until it succeeds, retrying only failures before any text or tool call."""
     retry = 0
     while True:
         started = False
         try:
             async with aclosing(attempt()) as events:
                 async for event in events:
-                    if isinstance(event, TextDelta):
+                    if isinstance(event, TextDelta | ToolCall):
                         started = True
                     yield event
             return
