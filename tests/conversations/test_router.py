@@ -754,3 +754,14 @@ async def test_a_customer_message_reopens_a_resolved_conversation(
     assert response.status_code == 201
     assert response.json()["assistant_message"]["content"] == "Welcome back."
     assert (await conversation_of(client, alice, conversation_id))["status"] == "open"
+
+
+async def test_sends_are_refused_with_503_once_the_server_drains(
+    client: httpx.AsyncClient, person: PartyFactory, app: FastAPI
+) -> None:
+    alice = await person()
+    conversation_id = await new_conversation(client, alice)
+    await app.state.generation_engine.drain(asyncio.get_running_loop().time())
+    response = await send(client, alice, conversation_id, "anyone?")
+    assert_error(response, 503, "SHUTTING_DOWN")
+    assert await list_all_messages(client, alice, conversation_id) == []

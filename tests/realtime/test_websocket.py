@@ -269,6 +269,29 @@ async def test_every_socket_of_the_conversation_gets_the_same_frames(
     assert answer.final["message"]["content"] == answer.text
 
 
+async def test_a_message_sent_over_rest_is_streamed_to_the_open_sockets(
+    live_server: LiveServer, http: httpx.AsyncClient, person: PartyFactory
+) -> None:
+    alice = await person()
+    conversation_id = await new_conversation(http, alice)
+    async with open_socket(live_server.ws_url, conversation_id, alice.token) as socket:
+        await socket.ping()
+        response = await http.post(
+            f"/conversations/{conversation_id}/messages",
+            json={"content": '[[reply="From REST."]] q', "client_message_id": "rest-1"},
+            headers=alice.headers,
+        )
+        assert response.status_code == 201
+        message = await socket.recv()
+        answer = await socket.answer()
+    body = response.json()
+    assert message == {"type": "message", "message": body["user_message"]}
+    assert answer.final is not None
+    assert answer.text == "From REST."
+    assert answer.final["reply_to"] == "rest-1"
+    assert answer.final["message"] == body["assistant_message"]
+
+
 async def test_an_answer_is_stored_complete_after_its_client_disconnects(
     live_server: LiveServer, http: httpx.AsyncClient, person: PartyFactory
 ) -> None:
