@@ -290,3 +290,24 @@ async def test_the_control_bus_reaches_the_other_instance(
     await eventually(lambda: len(on_one) == 2)
     assert on_one == [cancel, revoke]  # its own `cancel` did not come back a second time
     assert on_two == [cancel, revoke]
+
+
+async def test_local_subscribers_get_frames_while_redis_is_unreachable(
+    redis_only_settings: Settings,
+) -> None:
+    unreachable: Redis = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+    backends = create_redis_backends(unreachable, redis_only_settings)
+    await backends.start()
+    try:
+        conversation_id, message_id = uuid.uuid4(), uuid.uuid4()
+        received: list[Frame] = []
+        backends.broker.subscribe(conversation_id, received.append)
+        frame = token_frame(conversation_id, message_id, "q1", 1, "Hello")
+        await backends.event_log.append(message_id, frame)  # best effort: no error
+        await backends.broker.publish(frame)
+        await backends.broker.publish(message_frame(conversation_id, {"id": "m"}))
+        assert [f.type for f in received] == ["token", "message"]
+        assert not await backends.broker.healthy()
+    finally:
+        await backends.close()
+        await unreachable.aclose()
