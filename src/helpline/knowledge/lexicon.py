@@ -222,10 +222,10 @@ class Vocabulary:
     def informative(
         self, candidates: Sequence[str], *, limit: int, max_share: float = 0.25
     ) -> list[str]:
-        """The `limit` rarest of `candidates`; in a large base, without the words found in more
-        than `max_share` of the passages (unless no other word is left)."""
+        """In a large base, the `limit` rarest of `candidates`, without the words found in more
+        than `max_share` of the passages (unless no other word is left); else all of them."""
         if self.document_count < COMMON_WORDS_FROM:
-            return list(candidates)[:limit]
+            return list(candidates)
         ceiling = max_share * self.document_count
         rare = [word for word in candidates if self.stem_frequency.get(stem(word), 0) <= ceiling]
         chosen = rare or list(candidates)
