@@ -69,7 +69,6 @@ async def run_job(runtime: JobRuntime, job_id: uuid.UUID) -> float | None:
                 job=definition.name,
                 attempt=context.attempt,
                 error=error,
-                exc_info=True,
             )
         span.set_attribute("helpline.job_outcome", outcome)
     duration = time.perf_counter() - started

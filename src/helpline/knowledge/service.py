@@ -40,8 +40,8 @@ from helpline.jobs import service as jobs_service
 from helpline.jobs.models import Job
 from helpline.jobs.queues import JobQueue
 from helpline.knowledge import parsing, repository
-from helpline.knowledge.chunking import chunk_document, embedding_text
-from helpline.knowledge.embeddings import create_embeddings, to_bytes
+from helpline.knowledge.chunking import ChunkDraft, chunk_document, embedding_text
+from helpline.knowledge.embeddings import Vectors, create_embeddings, to_bytes
 from helpline.knowledge.exceptions import DocumentNotFound, DocumentUnreadable, InvalidDocument
 from helpline.knowledge.models import TITLE_MAX_LENGTH, Chunk, Document, DocumentStatus
 from helpline.knowledge.schemas import DocumentUpload
@@ -269,18 +269,19 @@ def _new_search_rowid() -> int:
     return secrets.randbits(62) + 1
 
 
-async def ingest_document(
-    sessionmaker: async_sessionmaker[AsyncSession],
-    knowledge: KnowledgeBase,
-    *,
-    document_id: uuid.UUID,
-    revision: int | None = None,
-) -> dict[str, Any]:
-    """Parse, chunk, embed and index one stored upload (the body of the ingestion job).
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A document parsed and chunked, waiting for its vectors."""
 
-    Raises `DocumentUnreadable` for content that cannot be indexed (no retry) and anything
-    else for transient failures. Returns the job's result.
-    """
+    document_id: uuid.UUID
+    revision: int
+    drafts: list[ChunkDraft]
+
+
+async def _prepare(
+    sessionmaker: async_sessionmaker[AsyncSession], *, document_id: uuid.UUID, revision: int | None
+) -> _Prepared | dict[str, Any]:
+    """Mark the document `processing`, parse and chunk it (a result dict: nothing to do)."""
     async with unit_of_work(sessionmaker) as session:
         document = await repository.lock_document(session, document_id, with_source=True)
         if document is None:
@@ -292,19 +293,26 @@ async def ingest_document(
         document.error = None
         kind, title = document.kind, document.title
         text, data = document.source_text, document.source_bytes
-
     parsed = await asyncio.to_thread(parsing.parse_document, kind, text=text, data=data)
     drafts = chunk_document(parsed, title=title)
     if not drafts:
         raise DocumentUnreadable("The document has no text to index")
-    model_id = knowledge.embeddings.model_id
-    vectors = await knowledge.embeddings.embed_documents([d.text_for_embedding for d in drafts])
+    return _Prepared(document_id=document_id, revision=revision, drafts=drafts)
 
+
+async def _store(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    prepared: _Prepared,
+    vectors: Vectors,
+    model_id: str | None,
+) -> dict[str, Any]:
+    """Replace the document's chunks (unless a newer upload superseded it) and mark it ready."""
+    document_id = prepared.document_id
     async with unit_of_work(sessionmaker) as session:
         document = await repository.lock_document(session, document_id)
         if document is None:
             return {"document_id": str(document_id), "skipped": "deleted"}
-        if document.revision != revision:
+        if document.revision != prepared.revision:
             return {"document_id": str(document_id), "skipped": "superseded"}
         await repository.delete_chunks(session, document_id)
         chunks = [
@@ -318,15 +326,36 @@ async def ingest_document(
                 embedding_model=model_id,
                 search_rowid=_new_search_rowid(),
             )
-            for index, draft in enumerate(drafts)
+            for index, draft in enumerate(prepared.drafts)
         ]
         await repository.add_chunks(session, chunks)
         document.status = DocumentStatus.READY
         document.chunk_count = len(chunks)
         document.error = None
         await repository.bump_version(session)
-    log.info("knowledge.document_ingested", document_id=str(document_id), chunks=len(drafts))
-    return {"document_id": str(document_id), "chunks": len(drafts)}
+    log.info("knowledge.document_ingested", document_id=str(document_id), chunks=len(chunks))
+    return {"document_id": str(document_id), "chunks": len(chunks)}
+
+
+async def ingest_document(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    knowledge: KnowledgeBase,
+    *,
+    document_id: uuid.UUID,
+    revision: int | None = None,
+) -> dict[str, Any]:
+    """Parse, chunk, embed and index one stored upload (the body of the ingestion job).
+
+    Raises `DocumentUnreadable` for content that cannot be indexed (no retry) and anything
+    else for transient failures. Returns the job's result.
+    """
+    prepared = await _prepare(sessionmaker, document_id=document_id, revision=revision)
+    if not isinstance(prepared, _Prepared):
+        return prepared
+    vectors = await knowledge.embeddings.embed_documents(
+        [draft.text_for_embedding for draft in prepared.drafts]
+    )
+    return await _store(sessionmaker, prepared, vectors, knowledge.embeddings.model_id)
 
 
 async def fail_document(
@@ -431,14 +460,10 @@ def collect_files(paths: Iterable[Path], *, exclude_names: Sequence[str] = ()) -
     return found
 
 
-async def ingest_file(
-    sessionmaker: async_sessionmaker[AsyncSession],
-    knowledge: KnowledgeBase,
-    path: Path,
-    *,
-    max_bytes: int,
-) -> IngestOutcome:
-    """Load one file into the knowledge base now, in this process (no job)."""
+async def _save_file(
+    sessionmaker: async_sessionmaker[AsyncSession], path: Path, *, max_bytes: int
+) -> IngestOutcome | tuple[uuid.UUID, int, str, bool]:
+    """Store one file as a document: (id, revision, title, created), or why not."""
     try:
         data = await asyncio.to_thread(path.read_bytes)
         upload = DocumentUpload(title=None, source_url=None, data=data, filename=path.name)
@@ -455,37 +480,18 @@ async def ingest_file(
         raw = inspected.data if inspected.data is not None else (inspected.text or "").encode()
         title = _clean_title(inspected.title or _title_from_filename(path.name) or path.name)
         existing = await repository.get_document_by_key(session, source_key(None, title))
-        unchanged = (
+        if (
             existing is not None
             and existing.status == DocumentStatus.READY
             and existing.content_hash == hashlib.sha256(raw).hexdigest()
-        )
-        if unchanged:
-            assert existing is not None
+        ):
             return IngestOutcome(
                 path, "unchanged", existing.title, existing.chunk_count, None, existing.id
             )
         document, created = await save_upload(
             session, upload=upload, inspected=inspected, created_by=None
         )
-        document_id, revision = document.id, document.revision
-    try:
-        result = await ingest_document(
-            sessionmaker, knowledge, document_id=document_id, revision=revision
-        )
-    except DocumentUnreadable as exc:
-        await fail_document(
-            sessionmaker, document_id=document_id, revision=revision, error=exc.message
-        )
-        return IngestOutcome(path, "failed", title, 0, exc.message, document_id)
-    return IngestOutcome(
-        path,
-        "added" if created else "updated",
-        title,
-        int(result.get("chunks", 0)),
-        None,
-        document_id,
-    )
+        return document.id, document.revision, document.title, created
 
 
 async def ingest_paths(
@@ -495,14 +501,77 @@ async def ingest_paths(
     *,
     max_bytes: int,
     on_progress: Callable[[IngestOutcome], None] | None = None,
+    batch_files: int = 64,
 ) -> list[IngestOutcome]:
-    """Load `files` one after the other; a bad file is reported, never stops the rest."""
+    """Load `files` now, in this process; a bad file is reported, never stops the rest.
+
+    Files are parsed one by one, but their passages are embedded together, `batch_files`
+    files at a time: a model encodes one large batch much faster than many small ones.
+    """
     outcomes: list[IngestOutcome] = []
-    for path in files:
-        outcome = await ingest_file(sessionmaker, knowledge, path, max_bytes=max_bytes)
-        outcomes.append(outcome)
-        if on_progress is not None:
-            on_progress(outcome)
+    for first in range(0, len(files), batch_files):
+        batch: list[tuple[Path, str, bool, _Prepared]] = []
+        for path in files[first : first + batch_files]:
+            saved = await _save_file(sessionmaker, path, max_bytes=max_bytes)
+            if isinstance(saved, IngestOutcome):
+                outcomes.append(saved)
+                if on_progress is not None:
+                    on_progress(saved)
+                continue
+            document_id, revision, title, created = saved
+            try:
+                prepared = await _prepare(sessionmaker, document_id=document_id, revision=revision)
+            except DocumentUnreadable as exc:
+                await fail_document(
+                    sessionmaker, document_id=document_id, revision=revision, error=exc.message
+                )
+                outcome = IngestOutcome(path, "failed", title, 0, exc.message, document_id)
+                outcomes.append(outcome)
+                if on_progress is not None:
+                    on_progress(outcome)
+                continue
+            assert isinstance(prepared, _Prepared)  # just saved: neither deleted nor replaced
+            batch.append((path, title, created, prepared))
+        texts = [draft.text_for_embedding for *_, prepared in batch for draft in prepared.drafts]
+        try:
+            vectors = await knowledge.embeddings.embed_documents(texts)
+        except Exception as exc:
+            # The embeddings provider is away: these documents fail with the reason (run the
+            # command again later); none is left `processing`.
+            error = f"Embedding failed ({type(exc).__name__}: {exc})"
+            for path, title, _, prepared in batch:
+                await fail_document(
+                    sessionmaker,
+                    document_id=prepared.document_id,
+                    revision=prepared.revision,
+                    error=error,
+                )
+                outcome = IngestOutcome(path, "failed", title, 0, error, prepared.document_id)
+                outcomes.append(outcome)
+                if on_progress is not None:
+                    on_progress(outcome)
+            continue
+        offset = 0
+        for path, title, created, prepared in batch:
+            count = len(prepared.drafts)
+            result = await _store(
+                sessionmaker,
+                prepared,
+                vectors[offset : offset + count],
+                knowledge.embeddings.model_id,
+            )
+            offset += count
+            outcome = IngestOutcome(
+                path,
+                "added" if created else "updated",
+                title,
+                int(result.get("chunks", 0)),
+                None,
+                prepared.document_id,
+            )
+            outcomes.append(outcome)
+            if on_progress is not None:
+                on_progress(outcome)
     return outcomes
 
 
