@@ -1,4 +1,4 @@
-"""Fixtures of the conversations tests: REST through `client`, streams through the live server."""
+"""Fixtures of the conversations tests: REST through `client`, users signed in through it."""
 
 from __future__ import annotations
 
@@ -6,17 +6,10 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from tests.realtime.fixtures import (
-    PartyFactory,
-    fake_model,
-    http,
-    live_app,
-    live_db,
-    settings,
-)
+from tests.realtime.fixtures import PartyFactory, settings
 from tests.realtime.helpers import Party, sign_in
 
-__all__ = ["fake_model", "http", "live_app", "live_db", "settings"]
+__all__ = ["settings"]
 
 
 @pytest.fixture
