@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,11 +16,17 @@ from helpline.agents.factory import create_answerer, create_chat_model
 from helpline.agents.health import check_llm
 from helpline.auth.dependencies import rate_limit_key
 from helpline.auth.revocation import create_revocations
+from helpline.conversations import service as conversations_service
 from helpline.conversations.service import ConversationAnswerStore
 from helpline.core import health, lifecycle, metrics, telemetry
 from helpline.core.cache import create_cache
 from helpline.core.config import Settings, get_settings
-from helpline.core.database import create_engine, create_sessionmaker, is_connection_error
+from helpline.core.database import (
+    create_engine,
+    create_sessionmaker,
+    is_connection_error,
+    unit_of_work,
+)
 from helpline.core.errors import (
     error_response,
     register_error_decorator,
@@ -105,12 +112,32 @@ async def _start_jobs(app: FastAPI, settings: Settings) -> None:
 async def _start_generation(app: FastAPI, settings: Settings) -> None:
     """The generation engine, its answerer and store, sockets, limits and drain."""
     chat_model = create_chat_model(settings)
-    answerer = create_answerer(settings, chat_model, knowledge=app.state.knowledge)
+    sessionmaker = app.state.sessionmaker
+    engine: GenerationEngine | None = None
+
+    async def escalate(conversation_id: uuid.UUID, user_id: uuid.UUID, reason: str) -> None:
+        # The agent's `escalate_to_human` tool; the engine exists before any answer runs.
+        assert engine is not None
+        async with unit_of_work(sessionmaker) as session:
+            await conversations_service.escalate_to_human(
+                session,
+                engine=engine,
+                conversation_id=conversation_id,
+                user_id=user_id,
+                reason=reason,
+            )
+
+    answerer = create_answerer(
+        settings, chat_model, knowledge=app.state.knowledge, escalate=escalate
+    )
     app.state.chat_model = chat_model
     store = ConversationAnswerStore(
-        app.state.sessionmaker,
+        sessionmaker,
         queue_when_busy=settings.generation_policy == "queue",
         model=answerer.model,
+        job_queue=app.state.job_queue,
+        # Only the agent keeps a running summary: other answerers have no model to write it.
+        memory_token_budget=settings.memory_token_budget if chat_model is not None else None,
     )
     engine = GenerationEngine(
         backends=create_backends(settings, app.state.redis),

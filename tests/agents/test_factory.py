@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from helpline.agents import factory
 from helpline.agents.chat import ChatAnswerer
 from helpline.agents.exceptions import ConfigurationError
+from helpline.agents.graph import SupportAgent
 from helpline.agents.providers.anthropic import AnthropicChatModel
 from helpline.agents.providers.fake import FakeChatModel
 from helpline.agents.providers.openai import OpenAIChatModel
 from helpline.agents.schemas import Answerer, ChatModel
 from helpline.core.config import Settings
+from helpline.knowledge.embeddings import NoEmbeddings
+from helpline.knowledge.search import KnowledgeBase
 
 
 def make_settings(**values: Any) -> Settings:
@@ -59,17 +64,60 @@ def test_extractive_uses_no_chat_model() -> None:
     assert factory.create_chat_model(make_settings(llm_provider="extractive")) is None
 
 
+def knowledge_base() -> KnowledgeBase:
+    """A knowledge base nobody searches: building an answerer touches no database."""
+    return KnowledgeBase(async_sessionmaker(), NoEmbeddings())
+
+
+async def escalate(conversation_id: uuid.UUID, user_id: uuid.UUID, reason: str) -> None:
+    del conversation_id, user_id, reason
+
+
 @pytest.mark.parametrize("provider", ["openai", "anthropic", "fake"])
-async def test_model_providers_answer_with_the_chat_answerer(provider: str) -> None:
+async def test_model_providers_answer_with_the_support_agent(provider: str) -> None:
     settings = make_settings(llm_provider=provider)
     model = factory.create_chat_model(settings)
+    knowledge = knowledge_base()
 
-    answerer = factory.create_answerer(settings, model)
+    answerer = factory.create_answerer(settings, model, knowledge=knowledge, escalate=escalate)
+
+    assert isinstance(answerer, SupportAgent)
+    assert answerer.chat_model is model
+    assert answerer.knowledge is knowledge
+    assert answerer.model == factory.model_name(settings)
+    assert [tool.spec.name for tool in answerer.tools] == [
+        "search_knowledge_base",
+        "escalate_to_human",
+    ]
+    assert model is not None
+    await model.aclose()
+
+
+async def test_the_agent_offers_no_escalation_without_a_way_to_hand_over() -> None:
+    settings = make_settings(llm_provider="fake")
+
+    answerer = factory.create_answerer(
+        settings, factory.create_chat_model(settings), knowledge=knowledge_base()
+    )
+
+    assert isinstance(answerer, SupportAgent)
+    assert [tool.spec.name for tool in answerer.tools] == ["search_knowledge_base"]
+
+
+def test_the_agent_needs_the_knowledge_base() -> None:
+    settings = make_settings(llm_provider="fake")
+
+    with pytest.raises(ConfigurationError, match="knowledge base"):
+        factory.create_answerer(settings, factory.create_chat_model(settings))
+
+
+def test_the_chat_answerer_stays_available() -> None:
+    model = FakeChatModel()
+
+    answerer = factory.build_chat_answerer(make_settings(llm_provider="fake"), model)
 
     assert isinstance(answerer, ChatAnswerer)
     assert answerer.chat_model is model
-    assert model is not None
-    await model.aclose()
 
 
 def test_an_unregistered_provider_is_a_configuration_error(
@@ -84,9 +132,13 @@ def test_an_unregistered_provider_is_a_configuration_error(
     assert "anthropic, fake, openai" in str(caught.value)
 
 
-def test_a_chat_answerer_needs_a_model() -> None:
+def test_an_answerer_over_a_model_needs_one() -> None:
     with pytest.raises(ConfigurationError, match="needs a chat model"):
-        factory.create_answerer(make_settings(llm_provider="fake"), None)
+        factory.create_answerer(
+            make_settings(llm_provider="fake"), None, knowledge=knowledge_base()
+        )
+    with pytest.raises(ConfigurationError, match="needs a chat model"):
+        factory.build_chat_answerer(make_settings(llm_provider="fake"), None)
 
 
 def test_a_registered_builder_is_used(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,24 +1,25 @@
 """The one place that turns `Settings` into the chat model and the answerer the engine runs.
 
 `create_chat_model` builds the provider client (`None` for providers that need no model);
-`create_answerer` looks `LLM_PROVIDER` up in `ANSWERER_BUILDERS`. Other answerers (the
-knowledge-base agent, the model-free `extractive` one) register their builder in that dict.
+`create_answerer` looks `LLM_PROVIDER` up in `ANSWERER_BUILDERS`: the LangGraph support agent
+(`helpline.agents.graph`) for the model providers, the model-free `extractive` answerer by
+default. `ChatAnswerer` (the model alone) stays available to build directly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
-from helpline.agents.chat import ChatAnswerer
+from helpline.agents.chat import DEFAULT_HISTORY_TOKEN_BUDGET, ChatAnswerer
 from helpline.agents.exceptions import ConfigurationError
 from helpline.agents.providers import (
     ANTHROPIC_DEFAULT_MODEL,
     OPENAI_DEFAULT_MODEL,
 )
 from helpline.agents.providers import fake as fake_provider
-from helpline.agents.schemas import Answerer, ChatModel
+from helpline.agents.schemas import Answerer, ChatModel, Escalate, ToolCallingChatModel
 from helpline.core.config import Settings
 
 if TYPE_CHECKING:
@@ -28,14 +29,23 @@ AnswererBuilder = Callable[[Settings, ChatModel | None], Answerer]
 
 
 @dataclass(frozen=True, slots=True)
+class AnswererServices:
+    """What the application gives answerers beyond the model, built in its lifespan."""
+
+    knowledge: KnowledgeBase
+    # Hands a conversation to a person (the conversations service); None where there is none.
+    escalate: Escalate | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class WithKnowledge:
-    """A builder that also needs the knowledge base: `build(settings, chat_model, knowledge)`.
+    """A builder that also needs the knowledge base: `build(settings, chat_model, services)`.
 
     Register it in `ANSWERER_BUILDERS` wrapped in this, e.g.
     `ANSWERER_BUILDERS["openai"] = WithKnowledge(build_agent)`.
     """
 
-    build: Callable[[Settings, ChatModel | None, KnowledgeBase], Answerer]
+    build: Callable[[Settings, ChatModel | None, AnswererServices], Answerer]
 
 
 # The SDKs take seconds to import: a provider's module is loaded only when it is chosen.
@@ -94,19 +104,44 @@ def build_chat_answerer(settings: Settings, chat_model: ChatModel | None) -> Ans
 
 
 def build_extractive_answerer(
-    settings: Settings, chat_model: ChatModel | None, knowledge: KnowledgeBase
+    settings: Settings, chat_model: ChatModel | None, services: AnswererServices
 ) -> Answerer:
     """The model-free answerer that quotes the knowledge base."""
     del settings, chat_model
     from helpline.agents.extractive import ExtractiveAnswerer
 
-    return ExtractiveAnswerer(knowledge)
+    return ExtractiveAnswerer(services.knowledge)
+
+
+def build_agent(
+    settings: Settings, chat_model: ChatModel | None, services: AnswererServices
+) -> Answerer:
+    """The LangGraph support agent over the configured model, with its tools."""
+    if chat_model is None:
+        raise ConfigurationError(
+            f"LLM_PROVIDER={settings.llm_provider} needs a chat model, but none was built"
+        )
+    # LangGraph takes seconds to import: only installs that answer with a model pay for it.
+    from helpline.agents.graph import SupportAgent, load_agent_prompt
+
+    history_budget = max(DEFAULT_HISTORY_TOKEN_BUDGET, 2 * settings.memory_token_budget)
+    # Every provider of `create_chat_model` takes tools; a `ChatModel` is a structural type.
+    model = cast(ToolCallingChatModel, chat_model)
+    return SupportAgent(
+        model,
+        services.knowledge,
+        escalate=services.escalate,
+        prompt_template=load_agent_prompt(settings.agent_prompt_file),
+        assistant_name=settings.assistant_name,
+        company_name=settings.company_name,
+        history_token_budget=history_budget,
+    )
 
 
 ANSWERER_BUILDERS: dict[str, AnswererBuilder | WithKnowledge] = {
-    "openai": build_chat_answerer,
-    "anthropic": build_chat_answerer,
-    "fake": build_chat_answerer,
+    "openai": WithKnowledge(build_agent),
+    "anthropic": WithKnowledge(build_agent),
+    "fake": WithKnowledge(build_agent),
     "extractive": WithKnowledge(build_extractive_answerer),
 }
 
@@ -116,6 +151,7 @@ def create_answerer(
     chat_model: ChatModel | None,
     *,
     knowledge: KnowledgeBase | None = None,
+    escalate: Escalate | None = None,
 ) -> Answerer:
     """The answerer for `LLM_PROVIDER`; `ConfigurationError` when none is registered for it."""
     builder = ANSWERER_BUILDERS.get(settings.llm_provider)
@@ -131,5 +167,7 @@ def create_answerer(
                 f"LLM_PROVIDER={settings.llm_provider} answers from the knowledge base, "
                 "but none was started"
             )
-        return builder.build(settings, chat_model, knowledge)
+        return builder.build(
+            settings, chat_model, AnswererServices(knowledge=knowledge, escalate=escalate)
+        )
     return builder(settings, chat_model)

@@ -69,6 +69,10 @@ class Conversation(IdMixin, TimestampMixin, Base):
     first_answer_at: Mapped[datetime | None]
     was_handed_over: Mapped[bool] = mapped_column(default=False)
     resolved_at: Mapped[datetime | None]
+    # Agent memory: a running summary of the messages created up to `summary_until`; the
+    # messages after it are sent to the model verbatim.
+    summary: Mapped[str | None] = mapped_column(Text)
+    summary_until: Mapped[datetime | None]
 
 
 class Message(IdMixin, TimestampMixin, Base):

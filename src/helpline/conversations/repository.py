@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -240,3 +240,64 @@ async def get_token_usage(session: AsyncSession, *, user_id: uuid.UUID, day: str
         select(TokenUsage.tokens).where(TokenUsage.user_id == user_id, TokenUsage.day == day)
     )
     return int(value or 0)
+
+
+# What the agent's memory is made of: the exchange, not system notes or answers in flight.
+_MEMORY_ROLES = (MessageRole.USER, MessageRole.ASSISTANT, MessageRole.AGENT)
+
+
+def _memory_filter(conversation_id: uuid.UUID, after: datetime | None) -> list[ColumnElement[bool]]:
+    conditions = [
+        Message.conversation_id == conversation_id,
+        Message.role.in_(_MEMORY_ROLES),
+        Message.status != MessageStatus.STREAMING,
+    ]
+    if after is not None:
+        conditions.append(Message.created_at > after)
+    return conditions
+
+
+async def memory_tokens(
+    session: AsyncSession, *, conversation_id: uuid.UUID, after: datetime | None
+) -> int:
+    """Tokens of the exchanged messages created after `after` (all of them for None)."""
+    value = await session.scalar(
+        select(func.coalesce(func.sum(Message.token_count), 0)).where(
+            *_memory_filter(conversation_id, after)
+        )
+    )
+    return int(value or 0)
+
+
+async def memory_messages(
+    session: AsyncSession, *, conversation_id: uuid.UUID, after: datetime | None
+) -> Sequence[Message]:
+    """The exchanged messages created after `after`, oldest first."""
+    statement = (
+        select(Message)
+        .where(*_memory_filter(conversation_id, after))
+        .order_by(Message.created_at.asc(), Message.id.asc())
+    )
+    return list((await session.scalars(statement)).all())
+
+
+async def save_summary(
+    session: AsyncSession,
+    *,
+    conversation_id: uuid.UUID,
+    summary: str,
+    until: datetime,
+    expected_until: datetime | None,
+) -> bool:
+    """Store a running summary, only if no other one was stored since `expected_until` was read."""
+    boundary = (
+        Conversation.summary_until.is_(None)
+        if expected_until is None
+        else Conversation.summary_until == expected_until
+    )
+    result = await session.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation_id, boundary)
+        .values(summary=summary, summary_until=until)
+    )
+    return bool(getattr(result, "rowcount", 0))

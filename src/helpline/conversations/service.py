@@ -12,14 +12,16 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from helpline.agents.memory import SUMMARY_JOB
 from helpline.agents.schemas import ChatMessage, Usage
 from helpline.agents.tokens import estimate_prompt_tokens, estimate_tokens
+from helpline.auth import service as auth_service
 from helpline.auth.models import User, UserRole
 from helpline.conversations import repository
 from helpline.conversations.exceptions import (
@@ -42,13 +44,18 @@ from helpline.conversations.models import (
 from helpline.conversations.schemas import ConversationRead, MessageRead
 from helpline.core import metrics
 from helpline.core.database import on_commit, unit_of_work
+from helpline.jobs import service as jobs_service
 from helpline.kit.models import utcnow
 from helpline.realtime.engine import AnswerJob, AnswerResult, GenerationEngine, StoredAnswer
 from helpline.realtime.frames import message_frame, status_frame
 
+if TYPE_CHECKING:
+    from helpline.jobs.queues import JobQueue
+
 log = structlog.get_logger(__name__)
 
 HISTORY_MESSAGES = 20
+HANDOFF_REASON_MAX_LENGTH = 500
 SILENT_STATUSES = frozenset({ConversationStatus.WAITING_FOR_AGENT, ConversationStatus.WITH_AGENT})
 
 
@@ -189,6 +196,10 @@ async def _begin_answer(
     prior: Sequence[Message],
 ) -> tuple[Message, AnswerJob] | None:
     """Create the `streaming` answer row; None when another answer is streaming already."""
+    if conversation.summary_until is not None:
+        # Folded into the running summary, which the answer gets instead.
+        until = conversation.summary_until
+        prior = [message for message in prior if message.created_at > until]
     history = _history(prior)
     reply_to = question.client_message_id or str(question.id)
     prompt_estimate = estimate_prompt_tokens(
@@ -218,6 +229,7 @@ async def _begin_answer(
         reply_to=reply_to,
         question=question.content,
         history=history,
+        summary=conversation.summary,
     )
     return answer, job
 
@@ -467,6 +479,32 @@ async def handoff(
     )
 
 
+async def escalate_to_human(
+    session: AsyncSession,
+    *,
+    engine: GenerationEngine,
+    conversation_id: uuid.UUID,
+    user_id: uuid.UUID,
+    reason: str | None,
+) -> Conversation:
+    """The assistant asks for a human on behalf of the customer it is answering.
+
+    `conversation_id` and `user_id` come from the answer being generated, never from the model:
+    the conversation must be that customer's own.
+    """
+    conversation = await repository.get_conversation(session, conversation_id)
+    if conversation is None:
+        raise ConversationNotFound(conversation_id)
+    customer = await auth_service.get_user(session, user_id)
+    if customer is None or conversation.user_id != customer.id:
+        raise ConversationForbidden()
+    if reason is not None:
+        reason = reason.strip()[:HANDOFF_REASON_MAX_LENGTH] or None
+    return await handoff(
+        session, engine=engine, conversation=conversation, actor=customer, reason=reason
+    )
+
+
 async def assign(
     session: AsyncSession, *, engine: GenerationEngine, conversation: Conversation, agent: User
 ) -> Conversation:
@@ -568,6 +606,70 @@ async def record_outcome(
     return outcome
 
 
+# -- agent memory ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryFold:
+    """Messages of a conversation to fold into its running summary."""
+
+    conversation_id: uuid.UUID
+    summary: str | None  # the summary so far
+    summary_until: datetime | None  # the boundary it was read with
+    messages: tuple[tuple[str, str], ...]  # (role, content), oldest first
+    fold_until: datetime  # `created_at` of the last message to fold
+
+
+async def memory_to_fold(
+    session: AsyncSession, *, conversation_id: uuid.UUID, budget: int, keep_tokens: int
+) -> MemoryFold | None:
+    """The older messages to summarise, or None while the verbatim part fits `budget`.
+
+    The newest messages worth up to `keep_tokens` stay verbatim.
+    """
+    conversation = await repository.get_conversation(session, conversation_id)
+    if conversation is None:
+        return None
+    messages = await repository.memory_messages(
+        session, conversation_id=conversation_id, after=conversation.summary_until
+    )
+    if sum(message.token_count for message in messages) <= budget:
+        return None
+    kept = 0
+    split = len(messages)
+    while split > 0 and kept + messages[split - 1].token_count <= keep_tokens:
+        split -= 1
+        kept += messages[split].token_count
+    folded = messages[:split]
+    if not folded:
+        return None
+    return MemoryFold(
+        conversation_id=conversation_id,
+        summary=conversation.summary,
+        summary_until=conversation.summary_until,
+        messages=tuple((message.role.value, message.content) for message in folded),
+        fold_until=folded[-1].created_at,
+    )
+
+
+async def save_summary(session: AsyncSession, *, fold: MemoryFold, summary: str) -> bool:
+    """Store the summary `fold` produced; False when another one was stored meanwhile."""
+    saved = await repository.save_summary(
+        session,
+        conversation_id=fold.conversation_id,
+        summary=summary,
+        until=fold.fold_until,
+        expected_until=fold.summary_until,
+    )
+    log.info(
+        "conversation.summarised",
+        conversation_id=str(fold.conversation_id),
+        messages=len(fold.messages),
+        saved=saved,
+    )
+    return saved
+
+
 # -- token budgets ---------------------------------------------------------------------------
 
 
@@ -597,11 +699,20 @@ class ConversationAnswerStore:
     """Stores answers' results for the generation engine (`realtime.engine.AnswerStore`)."""
 
     def __init__(
-        self, sessionmaker: async_sessionmaker[AsyncSession], *, queue_when_busy: bool, model: str
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        *,
+        queue_when_busy: bool,
+        model: str,
+        job_queue: JobQueue | None = None,
+        memory_token_budget: int | None = None,
     ) -> None:
         self.sessionmaker = sessionmaker
         self.queue_when_busy = queue_when_busy
         self.model = model
+        # With a budget, a conversation whose verbatim messages pass it gets summarised.
+        self.job_queue = job_queue
+        self.memory_token_budget = memory_token_budget
 
     async def store_result(self, result: AnswerResult) -> StoredAnswer:
         now = utcnow()
@@ -656,12 +767,40 @@ class ConversationAnswerStore:
                         day=usage_day(now),
                         tokens=usage.total_tokens,
                     )
+                    await self._summarise_if_due(session, conversation)
             await session.refresh(message)
             return StoredAnswer(
                 message=message_json(message),
                 usage=usage,
                 reply_to=message.reply_to,
                 changed=stored,
+            )
+
+    async def _summarise_if_due(self, session: AsyncSession, conversation: Conversation) -> None:
+        """Queue the summary job (after this commit) once the verbatim part passes the budget.
+
+        Memory is best effort: a failure here is logged and never loses the answer.
+        """
+        if not self.memory_token_budget:
+            return
+        try:
+            async with session.begin_nested():
+                tokens = await repository.memory_tokens(
+                    session, conversation_id=conversation.id, after=conversation.summary_until
+                )
+                if tokens <= self.memory_token_budget:
+                    return
+                await jobs_service.enqueue(
+                    session,
+                    self.job_queue,
+                    name=SUMMARY_JOB,
+                    args={"conversation_id": str(conversation.id)},
+                )
+        except Exception:
+            log.warning(
+                "conversation.summary_not_queued",
+                conversation_id=str(conversation.id),
+                exc_info=True,
             )
 
     async def next_queued(self, conversation_id: uuid.UUID) -> AnswerJob | None:

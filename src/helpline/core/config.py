@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     llm_max_tokens: int = Field(1024, ge=1)
     llm_temperature: float = Field(0.2, ge=0, le=2)
 
+    # The support agent (LLM_PROVIDER openai, anthropic or fake)
+    assistant_name: str = "Helpline Assistant"
+    company_name: str = "our company"
+    agent_prompt_file: Path | None = None  # a Markdown system prompt replacing the bundled one
+    memory_token_budget: int = Field(2000, ge=100)  # verbatim history before it is summarised
+
     # Auth
     auth_jwt_secret: str | None = None
     auth_jwt_algorithm: Literal["HS256", "HS384", "HS512"] = "HS256"

@@ -88,6 +88,7 @@ def task(
 
 def load_tasks() -> None:
     """Import every domain's `tasks` module, so that their `@task`s are registered."""
+    import helpline.agents.tasks  # noqa: F401
     import helpline.knowledge.tasks  # noqa: F401
 
 

@@ -61,6 +61,7 @@ class AnswerJob:
     reply_to: str | None
     question: str
     history: Sequence[ChatMessage] = ()
+    summary: str | None = None  # the conversation's running summary (older messages)
 
 
 @dataclass(slots=True)
@@ -304,6 +305,7 @@ class GenerationEngine:
             assistant_message_id=job.assistant_message_id,
             question=job.question,
             history=job.history,
+            summary=job.summary,
         )
         try:
             async with closing_stream(self.answerer.answer(request)) as events:
