@@ -9,17 +9,11 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from helpline.core.errors import AppError
+from helpline.knowledge.exceptions import UnsupportedUploadType
 from helpline.knowledge.schemas import DocumentCreate, DocumentUpload
 from helpline.knowledge.search import KnowledgeBase
 
 FORM_TEXT_MAX_LENGTH = 2000
-
-
-class UnsupportedUploadType(AppError):
-    status_code = 415
-    code = "UNSUPPORTED_MEDIA_TYPE"
-    message = "Send the document as application/json or as multipart/form-data with a `file`"
 
 
 def _form_text(value: Any, field: str) -> str | None:

@@ -24,6 +24,12 @@ class UnsupportedFileType(AppError):
     message = "Upload a .md, .txt, .html or .pdf file"
 
 
+class UnsupportedUploadType(AppError):
+    status_code = 415
+    code = "UNSUPPORTED_MEDIA_TYPE"
+    message = "Send the document as application/json or as multipart/form-data with a `file`"
+
+
 class DocumentUnreadable(PermanentJobError):
     """Found while ingesting (not at upload): the document fails with this message."""
 
