@@ -78,7 +78,8 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
         renderer = structlog.processors.JSONRenderer()
         shared.append(structlog.processors.format_exc_info)
     else:
-        renderer = structlog.dev.ConsoleRenderer()
+        # Plain tracebacks: rendering rich ones with their locals blocks the event loop for seconds.
+        renderer = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
 
     structlog.configure(
         processors=[
