@@ -43,8 +43,12 @@ class WsClient(asyncio.Protocol):
     on_text: TextHandler
     deflate: bool = False
     transport: asyncio.Transport | None = None
-    opened: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    closed: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    opened: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    closed: asyncio.Future[int] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
     _buffer: bytearray = field(default_factory=bytearray)
     _handshake_done: bool = False
     _inflater: zlib._Decompress | None = None

@@ -82,9 +82,7 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         dbapi_connection.isolation_level = None
 
     @event.listens_for(engine.sync_engine, "before_cursor_execute")
-    def _begin_before_first_write(
-        connection: Any, cursor: Any, statement: str, *_: Any
-    ) -> None:
+    def _begin_before_first_write(connection: Any, cursor: Any, statement: str, *_: Any) -> None:
         dbapi_connection = connection.connection.driver_connection
         if dbapi_connection is None or dbapi_connection.in_transaction:
             return
