@@ -407,3 +407,21 @@ async def test_ensure_accepting_refuses_new_answers_once_draining(rig: Rig, cust
             await session.scalars(select(Message).where(Message.conversation_id == conversation_id))
         ).all()
     assert stored == []  # refused as a whole: the question is not kept without its answer
+
+
+async def test_queue_policy_answers_every_queued_question_in_order(
+    make_rig: RigFactory, customer: User
+) -> None:
+    rig = await make_rig(queue=True)
+    conversation_id = await rig.conversation(customer)
+    first = await rig.send(customer, conversation_id, "[[tokens=8 delay_ms=20]] first", "q1")
+    await rig.send(customer, conversation_id, '[[reply="second answer"]] second', "q2")
+    await rig.send(customer, conversation_id, '[[reply="third answer"]] third', "q3")
+    assert first.answer_id is not None
+    await eventually(lambda: len(rig.finals()) == 3)
+    finals = rig.finals()
+    assert [final.data["reply_to"] for final in finals] == ["q1", "q2", "q3"]
+    assert [final.data["message"]["content"] for final in finals[1:]] == [
+        "second answer",
+        "third answer",
+    ]

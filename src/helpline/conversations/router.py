@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response, status
@@ -137,16 +138,28 @@ async def send_message(
         client_message_id=body.client_message_id,
     )
     assistant = result.assistant_message
+    frames = None
     if assistant is not None and assistant.status == MessageStatus.STREAMING:
-        async for _ in realtime_service.follow_answer(
+        frames = realtime_service.follow_answer(
             engine=engine,
             sessionmaker=sessionmaker,
             conversation_id=conversation.id,
             message_id=assistant.id,
-        ):
-            pass
-        async with unit_of_work(sessionmaker) as session:
-            assistant = await service.get_message(session, assistant.id)
+        )
+    elif result.queued:
+        frames = realtime_service.follow_reply(
+            engine=engine,
+            sessionmaker=sessionmaker,
+            conversation_id=conversation.id,
+            question=result.user_message,
+        )
+    if frames is not None:
+        final = None
+        async for frame in frames:
+            final = frame
+        if final is not None and final.message_id is not None:
+            async with unit_of_work(sessionmaker) as session:
+                assistant = await service.get_message(session, uuid.UUID(final.message_id))
     response = SendMessageResponse(
         user_message=MessageRead.model_validate(result.user_message),
         assistant_message=None if assistant is None else MessageRead.model_validate(assistant),

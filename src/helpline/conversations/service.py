@@ -153,6 +153,7 @@ class SendResult:
     user_message: Message
     assistant_message: Message | None
     created: bool  # False when `client_message_id` replayed an earlier send
+    queued: bool = False  # answered after the answer streaming now (GENERATION_POLICY=queue)
 
     @property
     def answer_id(self) -> uuid.UUID | None:
@@ -352,7 +353,7 @@ async def send_message(
             await engine.start_next_queued(conversation.id)
 
     on_commit(session, announce)
-    return SendResult(user_message=question, assistant_message=answer, created=True)
+    return SendResult(user_message=question, assistant_message=answer, created=True, queued=queued)
 
 
 async def post_message(
@@ -400,6 +401,11 @@ async def cancel_answer(
 
 async def get_message(session: AsyncSession, message_id: uuid.UUID) -> Message | None:
     return await repository.get_message(session, message_id)
+
+
+async def get_reply(session: AsyncSession, question_id: uuid.UUID) -> Message | None:
+    """The answer to a user message, once it has started."""
+    return await repository.get_reply(session, question_id)
 
 
 async def latest_answer(session: AsyncSession, conversation_id: uuid.UUID) -> Message | None:
@@ -813,14 +819,17 @@ class ConversationAnswerStore:
             waiting = await repository.unanswered_questions(session, conversation_id)
             if not waiting:
                 return None
-            question = waiting[-1]
+            # Oldest first: every queued question gets its own answer, in order.
+            question = waiting[0]
             prior = [
                 message
                 for message in await repository.recent_messages(
-                    session, conversation_id=conversation_id, limit=HISTORY_MESSAGES + 1
+                    session,
+                    conversation_id=conversation_id,
+                    limit=HISTORY_MESSAGES + len(waiting),
                 )
-                if message.id != question.id
-            ]
+                if message.created_at < question.created_at
+            ][-HISTORY_MESSAGES:]
             begun = await _begin_answer(
                 session, model=self.model, conversation=conversation, question=question, prior=prior
             )

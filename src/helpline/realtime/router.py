@@ -23,6 +23,7 @@ from helpline.auth.dependencies import CurrentUser, authenticate_websocket
 from helpline.conversations import service as conversations_service
 from helpline.conversations.dependencies import OwnedConversation
 from helpline.conversations.exceptions import AnswerNotFound
+from helpline.conversations.models import Message
 from helpline.conversations.schemas import MessageCreate
 from helpline.core import metrics
 from helpline.core.database import DbSession, release, unit_of_work
@@ -103,21 +104,31 @@ async def _sse_stream(
     conversation_id: uuid.UUID,
     message_id: uuid.UUID | None,
     after_seq: int,
+    queued_question: Message | None = None,
 ) -> AsyncIterator[bytes]:
     keepalive = request.app.state.settings.sse_keepalive_s
     metrics.SSE_STREAMS.inc()
     try:
         if first is not None:
             yield first.sse()
-        if message_id is None:
+        sessionmaker = request.app.state.sessionmaker
+        if message_id is not None:
+            frames = realtime_service.follow_answer(
+                engine=engine,
+                sessionmaker=sessionmaker,
+                conversation_id=conversation_id,
+                message_id=message_id,
+                after_seq=after_seq,
+            )
+        elif queued_question is not None:
+            frames = realtime_service.follow_reply(
+                engine=engine,
+                sessionmaker=sessionmaker,
+                conversation_id=conversation_id,
+                question=queued_question,
+            )
+        else:
             return
-        frames = realtime_service.follow_answer(
-            engine=engine,
-            sessionmaker=request.app.state.sessionmaker,
-            conversation_id=conversation_id,
-            message_id=message_id,
-            after_seq=after_seq,
-        )
         iterator = aiter(frames)
         pending: asyncio.Task[Frame] | None = None
         try:
@@ -191,6 +202,7 @@ async def stream_message(
             conversation_id=conversation.id,
             message_id=result.answer_id,
             after_seq=0,
+            queued_question=result.user_message if result.queued else None,
         )
     )
 

@@ -6,6 +6,7 @@ Used by the SSE endpoints and the waiting REST send. The WebSocket endpoint does
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import timedelta
@@ -138,6 +139,38 @@ async def follow_answer(
     finally:
         unsubscribe()
         queue.close()
+
+
+async def follow_reply(
+    *,
+    engine: GenerationEngine,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    conversation_id: uuid.UUID,
+    question: Message,
+) -> AsyncGenerator[Frame, None]:
+    """The answer to a queued question, once it starts, then as `follow_answer`."""
+    reply_to = question.client_message_id or str(question.id)
+    started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def on_frame(frame: Frame) -> None:
+        if frame.is_answer_event and frame.data.get("reply_to") == reply_to:
+            if not started.done() and frame.message_id is not None:
+                started.set_result(frame.message_id)
+
+    unsubscribe = engine.subscribe(conversation_id, on_frame)
+    try:
+        async with unit_of_work(sessionmaker) as session:
+            reply = await conversations_service.get_reply(session, question.id)
+        message_id = reply.id if reply is not None else uuid.UUID(await started)
+    finally:
+        unsubscribe()
+    async for frame in follow_answer(
+        engine=engine,
+        sessionmaker=sessionmaker,
+        conversation_id=conversation_id,
+        message_id=message_id,
+    ):
+        yield frame
 
 
 def model_call_guard(
