@@ -13,9 +13,10 @@ from helpline.core.config import Settings
 from helpline.core.database import unit_of_work
 from helpline.knowledge import repository
 from helpline.knowledge import service as knowledge_service
-from helpline.knowledge.embeddings import LocalEmbeddings, NoEmbeddings
+from helpline.knowledge.embeddings import LocalEmbeddings, NoEmbeddings, OpenAIEmbeddings
 from helpline.knowledge.models import Chunk
 from helpline.knowledge.search import KnowledgeBase, calibrate, rrf
+from tests.knowledge.embeddings_server import EmbeddingsServer
 from tests.knowledge.helpers import PASSWORDS, REFUNDS
 
 SYNC = """# Fix desktop sync problems
@@ -179,3 +180,23 @@ async def test_reembedding_gives_every_chunk_a_vector_of_the_new_model(
             await knowledge_service.schedule_reembedding(session, knowledge=hybrid, queue=None)
             is None
         )
+
+
+async def test_a_repeated_question_reuses_its_query_vector(
+    sessionmaker: async_sessionmaker[AsyncSession], tmp_path: Path
+) -> None:
+    with EmbeddingsServer() as server:
+        knowledge = KnowledgeBase(
+            sessionmaker, OpenAIEmbeddings(base_url=server.base_url, max_retries=0)
+        )
+        await add(knowledge, tmp_path / "a", passwords=PASSWORDS, refunds=REFUNDS)
+        before = len(server.requests)
+
+        first = await knowledge.search(query="locked account attempts", k=2)
+        second = await knowledge.search(query="locked account attempts", k=2)
+        await knowledge.search(query="annual refund", k=2)
+
+        assert first == second
+        assert first[0].similarity is not None
+        assert len(server.requests) == before + 2  # one per distinct question
+        await knowledge.close()

@@ -30,6 +30,7 @@ import asyncio
 import math
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ CANDIDATES = 50  # per ranking, before fusion
 # the ranking but makes the engine score most of the index (the cost grows with the base).
 FTS_TERMS = 12
 MAX_K = 50
+QUERY_CACHE_SIZE = 1024
 
 # Logistic calibration of `relevance` (see `calibrate`); fitted on bench/questions/dev.jsonl.
 SEMANTIC_WEIGHT = 14.0
@@ -166,6 +168,19 @@ class KnowledgeBase:
         self._refresh_lock = asyncio.Lock()
         self._warm_up: asyncio.Task[None] | None = None
         self.refreshes = 0  # how many times the index was rebuilt (tests, logs)
+        self._query_vectors: OrderedDict[str, Vectors] = OrderedDict()
+
+    async def _embed_query(self, text: str) -> Vectors:
+        """The query's vector; recent ones are remembered (customers ask the same things)."""
+        cached = self._query_vectors.get(text)
+        if cached is not None:
+            self._query_vectors.move_to_end(text)
+            return cached
+        vector = await self.embeddings.embed_query(text)
+        self._query_vectors[text] = vector
+        if len(self._query_vectors) > QUERY_CACHE_SIZE:
+            self._query_vectors.popitem(last=False)
+        return vector
 
     @property
     def method(self) -> str:
@@ -258,7 +273,7 @@ class KnowledgeBase:
             if snapshot.matrix is not None:
                 # Typos hurt embeddings as much as full-text: embed the corrected words.
                 text = corrected_text(query, snapshot.vocabulary)
-                embedding_task = asyncio.create_task(self.embeddings.embed_query(text))
+                embedding_task = asyncio.create_task(self._embed_query(text))
             try:
                 lexical = await repository.fulltext_search(session, searched, limit=CANDIDATES)
                 similarities = None
