@@ -87,6 +87,8 @@ async def wait_for_job(
 ) -> dict[str, Any]:
     """Poll `GET /jobs/{id}` until the job has finished (complete or failed)."""
     deadline = time.monotonic() + within_s
+    # Backing off keeps a long wait under the API's rate limit (100/minute by default).
+    interval = 0.02
     while True:
         response = await client.get(f"/jobs/{job_id}", headers=caller.headers)
         assert response.status_code == 200, response.text
@@ -95,7 +97,8 @@ async def wait_for_job(
             return job
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} still {job['status']} after {within_s} s")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(interval)
+        interval = min(1.0, interval * 1.5)
 
 
 async def ingest_json(client: httpx.AsyncClient, caller: Caller, **body: Any) -> dict[str, Any]:
