@@ -501,6 +501,7 @@ class GenerationEngine:
         while True:
             try:
                 await self.reap_orphans()
-            except Exception:
-                log.exception("engine.reaper_failed")
+            except Exception as exc:
+                # Usually the database is away; say so once per pass, without a traceback.
+                log.warning("engine.reaper_failed", error=f"{type(exc).__name__}: {exc}"[:300])
             await asyncio.sleep(self.lease_s)
