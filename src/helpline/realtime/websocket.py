@@ -58,6 +58,7 @@ log = structlog.get_logger(__name__)
 
 LAG_SAMPLE_EVERY = 16
 CLOSE_ALL_WAIT_S = 5.0
+CLOSE_FRAME_WAIT_S = 5.0
 
 
 class ChatFrame(BaseModel):
@@ -208,10 +209,10 @@ class ChatConnection:
         if self._close is None or self.websocket.application_state != WebSocketState.CONNECTED:
             return
         code, reason = self._close
-        # A slow client gets its close frame once it reads again; one that never does costs
-        # this wait, bounded like any send.
+        # A slow client gets its close frame once it reads again (after the backlog the
+        # transport still holds); one that never does costs this bounded wait.
         with contextlib.suppress(Exception):
-            async with asyncio.timeout(self.settings.ws_send_timeout_s):
+            async with asyncio.timeout(max(self.settings.ws_send_timeout_s, CLOSE_FRAME_WAIT_S)):
                 await self.websocket.close(code=code, reason=reason)
 
     async def _write_loop(self) -> None:
