@@ -21,6 +21,7 @@ from helpline.realtime.frames import Frame, merge_tokens
 
 # WebSocket close codes (SPEC.md: WebSocket).
 CLOSE_GOING_AWAY = 1001
+CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_UNAUTHORIZED = 4001
 CLOSE_FORBIDDEN = 4003
 CLOSE_NOT_FOUND = 4004

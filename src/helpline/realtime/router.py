@@ -29,7 +29,12 @@ from helpline.core import metrics
 from helpline.core.database import DbSession, release, unit_of_work
 from helpline.core.errors import AppError, BadRequest, Forbidden, NotFound, error_responses
 from helpline.realtime import service as realtime_service
-from helpline.realtime.connection import CLOSE_FORBIDDEN, CLOSE_NOT_FOUND, CLOSE_UNAUTHORIZED
+from helpline.realtime.connection import (
+    CLOSE_FORBIDDEN,
+    CLOSE_NOT_FOUND,
+    CLOSE_TRY_AGAIN_LATER,
+    CLOSE_UNAUTHORIZED,
+)
 from helpline.realtime.dependencies import Engine
 from helpline.realtime.engine import GenerationEngine
 from helpline.realtime.frames import Frame, message_frame
@@ -62,6 +67,11 @@ async def chat_websocket(websocket: WebSocket, conversation_id: str) -> None:
     except AppError:
         await websocket.close(code=CLOSE_UNAUTHORIZED, reason="Unauthorized")
         return
+    except Exception:
+        # The database is unreachable or overloaded: the client may retry.
+        log.warning("ws.handshake_failed", exc_info=True)
+        await websocket.close(code=CLOSE_TRY_AGAIN_LATER, reason="Try again later")
+        return
     try:
         conversation_uuid = uuid.UUID(conversation_id)
     except ValueError:
@@ -77,6 +87,10 @@ async def chat_websocket(websocket: WebSocket, conversation_id: str) -> None:
         return
     except NotFound:
         await websocket.close(code=CLOSE_NOT_FOUND, reason="Conversation not found")
+        return
+    except Exception:
+        log.warning("ws.handshake_failed", exc_info=True)
+        await websocket.close(code=CLOSE_TRY_AGAIN_LATER, reason="Try again later")
         return
     connection = ChatConnection(
         websocket,
