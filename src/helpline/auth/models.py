@@ -6,10 +6,10 @@ import uuid
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import CheckConstraint, Enum, ForeignKey, String
+from sqlalchemy import CheckConstraint, ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from helpline.kit.models import Base, IdMixin, TimestampMixin, utcnow
+from helpline.kit.models import Base, IdMixin, TimestampMixin, enum_column, utcnow
 
 USERNAME_MAX_LENGTH = 40
 EMAIL_MAX_LENGTH = 320
@@ -36,13 +36,7 @@ class User(IdMixin, TimestampMixin, Base):
     email: Mapped[str | None] = mapped_column(String(EMAIL_MAX_LENGTH))
     display_name: Mapped[str | None] = mapped_column(String(DISPLAY_NAME_MAX_LENGTH))
     role: Mapped[UserRole] = mapped_column(
-        Enum(
-            UserRole,
-            native_enum=False,
-            create_constraint=False,
-            length=16,
-            values_callable=lambda roles: [role.value for role in roles],
-        ),
+        enum_column(UserRole, 16),
         default=UserRole.CUSTOMER,
     )
     is_active: Mapped[bool] = mapped_column(default=True)

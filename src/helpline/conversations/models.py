@@ -7,23 +7,13 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Enum, ForeignKey, Index, String, Text, UniqueConstraint, text
+from sqlalchemy import JSON, ForeignKey, Index, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from helpline.kit.models import Base, IdMixin, TimestampMixin
+from helpline.kit.models import Base, IdMixin, TimestampMixin, enum_column
 
 TITLE_MAX_LENGTH = 200
 CLIENT_MESSAGE_ID_MAX_LENGTH = 100
-
-
-def _enum(enum_class: type[StrEnum], length: int) -> Enum:
-    return Enum(
-        enum_class,
-        native_enum=False,
-        create_constraint=False,
-        length=length,
-        values_callable=lambda members: [member.value for member in members],
-    )
 
 
 class ConversationStatus(StrEnum):
@@ -59,7 +49,7 @@ class Conversation(IdMixin, TimestampMixin, Base):
     user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     title: Mapped[str | None] = mapped_column(String(TITLE_MAX_LENGTH))
     status: Mapped[ConversationStatus] = mapped_column(
-        _enum(ConversationStatus, 32), default=ConversationStatus.OPEN
+        enum_column(ConversationStatus, 32), default=ConversationStatus.OPEN
     )
     waiting_since: Mapped[datetime | None]
     assigned_agent_id: Mapped[uuid.UUID | None] = mapped_column(
@@ -96,12 +86,12 @@ class Message(IdMixin, TimestampMixin, Base):
     conversation_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("conversations.id", ondelete="CASCADE")
     )
-    role: Mapped[MessageRole] = mapped_column(_enum(MessageRole, 16))
+    role: Mapped[MessageRole] = mapped_column(enum_column(MessageRole, 16))
     content: Mapped[str] = mapped_column(Text, default="")
     author_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
     client_message_id: Mapped[str | None] = mapped_column(String(CLIENT_MESSAGE_ID_MAX_LENGTH))
     status: Mapped[MessageStatus] = mapped_column(
-        _enum(MessageStatus, 16), default=MessageStatus.COMPLETE
+        enum_column(MessageStatus, 16), default=MessageStatus.COMPLETE
     )
     token_count: Mapped[int] = mapped_column(default=0)
     prompt_tokens: Mapped[int | None]

@@ -7,10 +7,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Enum, ForeignKey, Index, String, Text
+from sqlalchemy import JSON, ForeignKey, Index, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from helpline.kit.models import Base, IdMixin, TimestampMixin
+from helpline.kit.models import Base, IdMixin, TimestampMixin, enum_column
 
 JOB_NAME_MAX_LENGTH = 100
 JOB_ERROR_MAX_LENGTH = 2000
@@ -31,13 +31,7 @@ class Job(IdMixin, TimestampMixin, Base):
 
     name: Mapped[str] = mapped_column(String(JOB_NAME_MAX_LENGTH))
     status: Mapped[JobStatus] = mapped_column(
-        Enum(
-            JobStatus,
-            native_enum=False,
-            create_constraint=False,
-            length=16,
-            values_callable=lambda members: [member.value for member in members],
-        ),
+        enum_column(JobStatus, 16),
         default=JobStatus.QUEUED,
     )
     args: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -11,10 +11,10 @@ import uuid
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, Enum, ForeignKey, Index, LargeBinary, String, Text
+from sqlalchemy import BigInteger, ForeignKey, Index, LargeBinary, String, Text
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
-from helpline.kit.models import Base, IdMixin, TimestampMixin, utcnow
+from helpline.kit.models import Base, IdMixin, TimestampMixin, enum_column, utcnow
 
 TITLE_MAX_LENGTH = 300
 SOURCE_URL_MAX_LENGTH = 2000
@@ -36,16 +36,6 @@ class DocumentKind(StrEnum):
     PDF = "pdf"
 
 
-def _enum(enum_class: type[StrEnum], length: int) -> Enum:
-    return Enum(
-        enum_class,
-        native_enum=False,
-        create_constraint=False,
-        length=length,
-        values_callable=lambda members: [member.value for member in members],
-    )
-
-
 class Document(IdMixin, TimestampMixin, Base):
     """An uploaded article; re-uploading the same source replaces it in place (same id)."""
 
@@ -56,10 +46,10 @@ class Document(IdMixin, TimestampMixin, Base):
     # What makes two uploads "the same document": a hash of the source URL, or of the title
     # when there is none. Unique, so two concurrent uploads cannot both create it.
     source_key: Mapped[str] = mapped_column(String(64), unique=True)
-    kind: Mapped[DocumentKind] = mapped_column(_enum(DocumentKind, 16))
+    kind: Mapped[DocumentKind] = mapped_column(enum_column(DocumentKind, 16))
     filename: Mapped[str | None] = mapped_column(String(FILENAME_MAX_LENGTH))
     status: Mapped[DocumentStatus] = mapped_column(
-        _enum(DocumentStatus, 16), default=DocumentStatus.QUEUED
+        enum_column(DocumentStatus, 16), default=DocumentStatus.QUEUED
     )
     error: Mapped[str | None] = mapped_column(Text)
     chunk_count: Mapped[int] = mapped_column(default=0)
