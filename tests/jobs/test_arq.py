@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -66,7 +67,10 @@ async def run_worker_until(app: FastAPI, done: Any, *, retry_base_s: float = 0.0
             assert not task.done(), task.exception()
             await asyncio.sleep(0.05)
     finally:
-        await worker.close()
+        # arq's `close` gathers the job tasks it has just cancelled without
+        # `return_exceptions`, so a retry still in flight surfaces as CancelledError.
+        with contextlib.suppress(asyncio.CancelledError):
+            await worker.close()
         if not task.done():
             task.cancel()
         await asyncio.gather(task, return_exceptions=True)
