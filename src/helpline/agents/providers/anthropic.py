@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING
 
 import anthropic
 import anyio
@@ -37,10 +37,10 @@ from helpline.agents.exceptions import LLMServiceError
 from helpline.agents.providers import ANTHROPIC_DEFAULT_MODEL
 from helpline.agents.providers.streaming import (
     ProviderFailure,
+    RetryingChatModel,
     RetryPolicy,
     is_retryable_status,
     status_message,
-    stream_with_retries,
 )
 from helpline.agents.schemas import ChatMessage, TextDelta, ToolCall, ToolSpec, Usage
 from helpline.agents.tokens import estimate_prompt_tokens, estimate_tokens
@@ -142,7 +142,7 @@ class _PartialCall:
         return ToolCall(id=self.id, name=self.name, arguments="".join(self.arguments) or "{}")
 
 
-class AnthropicChatModel:
+class AnthropicChatModel(RetryingChatModel):
     """Streams messages from the Anthropic Messages API (or a compatible server)."""
 
     provider = "anthropic"
@@ -171,29 +171,6 @@ class AnthropicChatModel:
             api_key=api_key or NO_API_KEY,
             timeout=anthropic.Timeout(timeout_s, connect=connect_timeout_s),
             max_retries=0,
-        )
-
-    @overload
-    def stream(
-        self, messages: Sequence[ChatMessage]
-    ) -> AsyncGenerator[TextDelta | Usage, None]: ...
-
-    @overload
-    def stream(
-        self, messages: Sequence[ChatMessage], *, tools: Sequence[ToolSpec]
-    ) -> AsyncGenerator[TextDelta | ToolCall | Usage, None]: ...
-
-    def stream(
-        self, messages: Sequence[ChatMessage], *, tools: Sequence[ToolSpec] = ()
-    ) -> AsyncGenerator[TextDelta | ToolCall | Usage, None]:
-        """Stream the reply to `messages`: text pieces, tool calls, then exactly one `Usage`."""
-        messages = tuple(messages)
-        tools = tuple(tools)
-        return stream_with_retries(
-            lambda: self._attempt(messages, tools),
-            policy=self._retry,
-            provider=self.provider,
-            model=self.model,
         )
 
     async def _attempt(

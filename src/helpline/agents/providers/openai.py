@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING
 
 import httpx2
 import openai
@@ -34,10 +34,10 @@ from helpline.agents.exceptions import LLMServiceError
 from helpline.agents.providers import OPENAI_DEFAULT_MODEL
 from helpline.agents.providers.streaming import (
     ProviderFailure,
+    RetryingChatModel,
     RetryPolicy,
     is_retryable_status,
     status_message,
-    stream_with_retries,
 )
 from helpline.agents.schemas import ChatMessage, TextDelta, ToolCall, ToolSpec, Usage
 from helpline.agents.tokens import estimate_prompt_tokens, estimate_tokens
@@ -107,7 +107,7 @@ class _PartialCall:
         )
 
 
-class OpenAIChatModel:
+class OpenAIChatModel(RetryingChatModel):
     """Streams chat completions from an OpenAI-compatible server."""
 
     provider = "openai"
@@ -143,29 +143,6 @@ class OpenAIChatModel:
             api_key=api_key or NO_API_KEY,
             timeout=openai.Timeout(timeout_s, connect=connect_timeout_s),
             max_retries=0,
-        )
-
-    @overload
-    def stream(
-        self, messages: Sequence[ChatMessage]
-    ) -> AsyncGenerator[TextDelta | Usage, None]: ...
-
-    @overload
-    def stream(
-        self, messages: Sequence[ChatMessage], *, tools: Sequence[ToolSpec]
-    ) -> AsyncGenerator[TextDelta | ToolCall | Usage, None]: ...
-
-    def stream(
-        self, messages: Sequence[ChatMessage], *, tools: Sequence[ToolSpec] = ()
-    ) -> AsyncGenerator[TextDelta | ToolCall | Usage, None]:
-        """Stream the completion of `messages`: text pieces, tool calls, then one `Usage`."""
-        messages = tuple(messages)
-        tools = tuple(tools)
-        return stream_with_retries(
-            lambda: self._attempt(messages, tools),
-            policy=self._retry,
-            provider=self.provider,
-            model=self.model,
         )
 
     async def _attempt(

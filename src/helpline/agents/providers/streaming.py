@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import overload
 
 import structlog
 
 from helpline.agents.exceptions import LLMServiceError
-from helpline.agents.schemas import TextDelta, ToolCall, Usage
+from helpline.agents.schemas import ChatMessage, TextDelta, ToolCall, ToolSpec, Usage
 
 log = structlog.get_logger(__name__)
 
@@ -114,3 +115,42 @@ async def stream_with_retries(
             )
             await asyncio.sleep(delay)
             retry += 1
+
+
+class RetryingChatModel:
+    """The `stream` of a network provider: one attempt per try, retried before the first piece.
+
+    Subclasses set `provider`, `model` and `_retry`, and implement `_attempt`.
+    """
+
+    provider: str
+    model: str
+    _retry: RetryPolicy
+
+    @overload
+    def stream(
+        self, messages: Sequence[ChatMessage]
+    ) -> AsyncGenerator[TextDelta | Usage, None]: ...
+
+    @overload
+    def stream(
+        self, messages: Sequence[ChatMessage], *, tools: Sequence[ToolSpec]
+    ) -> AsyncGenerator[TextDelta | ToolCall | Usage, None]: ...
+
+    def stream(
+        self, messages: Sequence[ChatMessage], *, tools: Sequence[ToolSpec] = ()
+    ) -> AsyncGenerator[TextDelta | ToolCall | Usage, None]:
+        """Stream the reply to `messages`: text pieces, tool calls, then exactly one `Usage`."""
+        messages = tuple(messages)
+        tools = tuple(tools)
+        return stream_with_retries(
+            lambda: self._attempt(messages, tools),
+            policy=self._retry,
+            provider=self.provider,
+            model=self.model,
+        )
+
+    def _attempt(
+        self, messages: Sequence[ChatMessage], tools: Sequence[ToolSpec]
+    ) -> AsyncGenerator[TextDelta | ToolCall | Usage, None]:
+        raise NotImplementedError
