@@ -169,30 +169,39 @@ async def make_conversations(port: int, count: int) -> tuple[str, list[str]]:
 
 @dataclass(eq=False)
 class Stream:
-    """One answer watched by one socket: token arrivals by seq."""
+    """One answer watched by one socket: token arrivals, counted by the words they carry.
+
+    Every piece the fake model streams here is one word, and a `token` frame may carry several
+    (Helpline joins pieces while it is behind), so tokens are counted in the text, not by `seq`.
+    """
 
     tokens_wanted: int
     sent_at: float = 0.0
     first_at: float | None = None
-    last_seq: int = 0
+    received: int = 0
     lateness: list[float] = field(default_factory=list)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     finished_at: float = 0.0
     paced: bool = False
     on_time_tokens: int = 0
     deadline: float = 0.0
+    token_frames: int = 0
 
     def on_text(self, payload: bytes, now: float) -> None:
         frame = orjson.loads(payload)
         kind = frame.get("type")
         if kind == "token":
-            seq = int(frame["seq"])
+            gained = len(frame["content"].split())
+            self.token_frames += 1
             if self.first_at is None:
                 self.first_at = now
-            gained = seq - self.last_seq
-            self.last_seq = max(self.last_seq, seq)
+            first = self.received + 1
+            self.received += gained
             if self.paced:
-                self.lateness.append(now - (self.sent_at + seq * PACE_S))
+                # Token k is produced k paces after the request.
+                self.lateness.extend(
+                    now - (self.sent_at + k * PACE_S) for k in range(first, self.received + 1)
+                )
                 if now <= self.deadline:
                     self.on_time_tokens += gained
         elif kind in ("complete", "failed", "cancelled"):
@@ -262,7 +271,8 @@ def row(name: str, ours: float, bare: float, unit: str, better: str = "higher") 
 # -- scenarios --------------------------------------------------------------------------------
 
 
-async def unpaced(target: Target, clients: int = 100, tokens: int = 2000) -> float:
+async def unpaced(target: Target, clients: int = 100, tokens: int = 2000) -> tuple[float, float]:
+    """Delivered tokens/s, and tokens per `token` frame."""
     pairs = await open_streams(target, clients, tokens)
     started = time.perf_counter()
     for client, stream in pairs:
@@ -270,10 +280,11 @@ async def unpaced(target: Target, clients: int = 100, tokens: int = 2000) -> flo
         client.send_text(target.request(tokens, 0))
     await asyncio.wait_for(asyncio.gather(*(s.done.wait() for _, s in pairs)), 300)
     elapsed = max(s.finished_at for _, s in pairs) - started
-    delivered = sum(s.last_seq for _, s in pairs)
+    delivered = sum(s.received for _, s in pairs)
+    frames = sum(s.token_frames for _, s in pairs)
     for client, _ in pairs:
         client.close()
-    return delivered / elapsed
+    return delivered / elapsed, delivered / max(1, frames)
 
 
 async def paced(target: Target, streams: int, tokens: int = 150) -> tuple[float, float]:
@@ -336,7 +347,7 @@ async def slow_consumer(target: Target, stuck: bool, tokens: int = 20000) -> tup
     pairs[0][0].send_text(target.request(tokens, 0))
     await asyncio.wait_for(asyncio.gather(*(s.done.wait() for _, s in readers)), 120)
     elapsed = max(s.finished_at for _, s in readers) - started
-    complete = all(s.last_seq == tokens for _, s in readers)
+    complete = all(s.received == tokens for _, s in readers)
     ending = "n/a"
     if stuck:
         client = pairs[-1][0]
@@ -537,7 +548,7 @@ async def _cluster_load(targets: list[Target], tokens: int = 2000) -> float:
     everything = senders + watchers
     await asyncio.wait_for(asyncio.gather(*(s.done.wait() for _, s in everything)), 300)
     elapsed = max(s.finished_at for _, s in everything) - started
-    delivered = sum(s.last_seq for _, s in everything)
+    delivered = sum(s.received for _, s in everything)
     for client, _ in everything:
         client.close()
     return delivered / elapsed

@@ -15,7 +15,7 @@ from helpline.agents.graph import SupportAgent
 from helpline.agents.providers.anthropic import AnthropicChatModel
 from helpline.agents.providers.fake import FakeChatModel
 from helpline.agents.providers.openai import OpenAIChatModel
-from helpline.agents.schemas import Answerer, ChatModel
+from helpline.agents.schemas import Answerer, AnswerRequest, ChatModel, TextDelta, Usage
 from helpline.core.config import Settings
 from helpline.knowledge.embeddings import NoEmbeddings
 from helpline.knowledge.search import KnowledgeBase
@@ -109,6 +109,39 @@ def test_the_agent_needs_the_knowledge_base() -> None:
 
     with pytest.raises(ConfigurationError, match="knowledge base"):
         factory.create_answerer(settings, factory.create_chat_model(settings))
+
+
+@pytest.mark.parametrize("provider", ["openai", "fake"])
+async def test_without_the_agent_the_model_answers_alone(provider: str) -> None:
+    settings = make_settings(llm_provider=provider, agent_enabled=False)
+    model = factory.create_chat_model(settings)
+
+    answerer = factory.create_answerer(settings, model, knowledge=knowledge_base())
+
+    assert isinstance(answerer, ChatAnswerer)
+    assert answerer.chat_model is model
+    assert answerer.model == factory.model_name(settings)
+    assert model is not None
+    await model.aclose()
+
+
+async def test_the_plain_answerer_streams_the_model_text() -> None:
+    settings = make_settings(llm_provider="fake", agent_enabled=False)
+    answerer = factory.create_answerer(
+        settings, factory.create_chat_model(settings), knowledge=knowledge_base()
+    )
+    request = AnswerRequest(
+        conversation_id=uuid.uuid4(),
+        user_id=uuid.uuid4(),
+        assistant_message_id=uuid.uuid4(),
+        question="Hello there [[tokens=3]]",
+    )
+
+    events = [event async for event in answerer.answer(request)]
+
+    texts = [event.text for event in events if isinstance(event, TextDelta)]
+    assert len(texts) == 3
+    assert isinstance(events[-1], Usage)
 
 
 def test_the_chat_answerer_stays_available() -> None:

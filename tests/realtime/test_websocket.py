@@ -217,7 +217,8 @@ async def test_chat_streams_the_message_then_numbered_tokens_then_complete(
         answer = Answer()
         while not answer.add(await socket.recv()):
             pass
-    assert answer.seqs == list(range(1, 9))
+    # A frame per piece while the server keeps up; a busy server joins pieces (fewer frames).
+    assert answer.seqs == list(range(1, len(answer.seqs) + 1))
     for frame in answer.tokens:
         assert set(frame) == TOKEN_FIELDS
         assert frame["reply_to"] == "msg-1"
@@ -225,7 +226,7 @@ async def test_chat_streams_the_message_then_numbered_tokens_then_complete(
     final = answer.final
     assert final is not None
     assert final["type"] == "complete"
-    assert final["seq"] == 9
+    assert final["seq"] == len(answer.seqs) + 1
     assert final["reply_to"] == "msg-1"
     assert final["message_id"] == answer.tokens[0]["message_id"]
     assert final["message"]["id"] == final["message_id"]
@@ -473,7 +474,7 @@ async def test_a_model_failure_mid_stream_sends_failed_and_keeps_the_partial_tex
     assert final["code"] == "LLM_SERVICE_ERROR"
     assert final["detail"]
     assert final["reply_to"] == "f-1"
-    assert final["seq"] == 4
+    assert final["seq"] == answer.seqs[-1] + 1
     assert answer.text == "one two three"
     assert final["message"]["status"] == "failed"
     assert final["message"]["content"] == "one two three"
@@ -759,7 +760,7 @@ async def test_a_client_that_stops_reading_is_closed_with_4008_and_the_others_ge
     assert answer.final is not None
     assert answer.final["type"] == "complete"
     assert answer.text == answer.final["message"]["content"]
-    assert answer.seqs[-1] == 3000
+    assert answer.seqs == sorted(set(answer.seqs))
     assert len(answer.text.split()) == 3000
 
 

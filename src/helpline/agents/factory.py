@@ -2,8 +2,8 @@
 
 `create_chat_model` builds the provider client (`None` for providers that need no model);
 `create_answerer` looks `LLM_PROVIDER` up in `ANSWERER_BUILDERS`: the LangGraph support agent
-(`helpline.agents.graph`) for the model providers, the model-free `extractive` answerer by
-default. `ChatAnswerer` (the model alone) stays available to build directly.
+(`helpline.agents.graph`) for the model providers — or, with `AGENT_ENABLED=false`, the plain
+`ChatAnswerer` (the model alone) — and the model-free `extractive` answerer by default.
 """
 
 from __future__ import annotations
@@ -116,11 +116,16 @@ def build_extractive_answerer(
 def build_agent(
     settings: Settings, chat_model: ChatModel | None, services: AnswererServices
 ) -> Answerer:
-    """The LangGraph support agent over the configured model, with its tools."""
+    """The LangGraph support agent over the configured model, with its tools.
+
+    With `AGENT_ENABLED=false`, the plain chat answerer instead.
+    """
     if chat_model is None:
         raise ConfigurationError(
             f"LLM_PROVIDER={settings.llm_provider} needs a chat model, but none was built"
         )
+    if not settings.agent_enabled:
+        return build_chat_answerer(settings, chat_model)
     # LangGraph takes seconds to import: only installs that answer with a model pay for it.
     from helpline.agents.graph import SupportAgent, load_agent_prompt
 

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     llm_temperature: float = Field(0.2, ge=0, le=2)
 
     # The support agent (LLM_PROVIDER openai, anthropic or fake)
+    # false: the model alone answers, with the conversation's history but no knowledge base,
+    # tools or handoff (a general assistant; also the least work per token)
+    agent_enabled: bool = True
     assistant_name: str = "Helpline Assistant"
     company_name: str = "our company"
     agent_prompt_file: Path | None = None  # a Markdown system prompt replacing the bundled one

@@ -103,6 +103,12 @@ EVENT_DELIVERY_LAG = Histogram(
     "Time from an event's creation to its send on a socket or stream.",
     buckets=_LAG_BUCKETS,
 )
+EVENT_LOOP_LAG = Gauge(
+    "helpline_event_loop_lag_seconds",
+    "How late the event loop last ran a timer: above a few milliseconds the process is busy, and "
+    "answers' text goes out in fewer, larger frames.",
+    multiprocess_mode="max",
+)
 
 # LLM
 LLM_TOKENS = Counter(
@@ -169,6 +175,7 @@ ALL_METRICS: Final[tuple[MetricWrapperBase, ...]] = (
     WEBSOCKET_SLOW_CONSUMERS,
     SSE_STREAMS,
     EVENT_DELIVERY_LAG,
+    EVENT_LOOP_LAG,
     LLM_TOKENS,
     LLM_TIME_TO_FIRST_TOKEN,
     LLM_REQUEST_DURATION,

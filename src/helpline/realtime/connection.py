@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from helpline.realtime.frames import Frame, merge_tokens
+from helpline.realtime.frames import Frame, merge_pieces
 
 # WebSocket close codes (SPEC.md: WebSocket).
 CLOSE_GOING_AWAY = 1001
@@ -36,6 +36,11 @@ class QueueClosed(Exception):
     """The queue was closed (the client left or was closed)."""
 
 
+# A merged `token` frame stops growing here: a stuck client's queue then fills up (and it is
+# closed as a slow consumer) rather than its backlog going out as one huge frame.
+MAX_MERGED_CHARS = 16 * 1024
+
+
 class FrameQueue:
     def __init__(self, max_frames: int, max_pending_bytes: int = 4 * 1024 * 1024) -> None:
         self.max_frames = max_frames
@@ -45,6 +50,11 @@ class FrameQueue:
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         self.overflowed = False
+        # Pieces merged into the last queued `token` frame, joined once when it is taken: a
+        # frame per piece would cost a dict copy and a longer string each time.
+        self._tail_pieces: list[str] | None = None
+        self._tail_seq = 0
+        self._tail_chars = 0
         self._taken_seq: dict[str, int] = {}
         self._held: dict[str, list[Frame]] = {}
 
@@ -77,16 +87,34 @@ class FrameQueue:
             self._taken_seq[message_id] = seq
             if frame.type == "token" and self._items:
                 last = self._items[-1]
-                if last.type == "token" and last.message_id == message_id:
-                    merged = merge_tokens(last, frame)
-                    self._items[-1] = merged
-                    self._pending_bytes += len(frame.data["content"])
+                content: str = frame.data["content"]
+                if self._tail_pieces is None:
+                    self._tail_chars = len(last.data.get("content") or "")
+                if (
+                    last.type == "token"
+                    and last.message_id == message_id
+                    and self._tail_chars + len(content) <= MAX_MERGED_CHARS
+                ):
+                    if self._tail_pieces is None:
+                        self._tail_pieces = [last.data["content"]]
+                    self._tail_pieces.append(content)
+                    self._tail_chars += len(content)
+                    self._tail_seq = seq
+                    self._pending_bytes += len(content)
                     self._check_bounds()
                     return
+        self._seal_tail()
         self._items.append(frame)
         self._pending_bytes += len(frame.data.get("content") or "") + 64
         self._check_bounds()
         self._wake()
+
+    def _seal_tail(self) -> None:
+        """Turn the pieces merged into the last frame into one frame."""
+        if self._tail_pieces is not None:
+            self._items[-1] = merge_pieces(self._items[-1], self._tail_pieces, self._tail_seq)
+            self._tail_pieces = None
+        self._tail_chars = 0
 
     def _check_bounds(self) -> None:
         if len(self._items) > self.max_frames or self._pending_bytes > self.max_pending_bytes:
@@ -104,6 +132,8 @@ class FrameQueue:
             if self.overflowed:
                 raise SlowConsumer
             if self._items:
+                if len(self._items) == 1:
+                    self._seal_tail()
                 frame = self._items.popleft()
                 self._pending_bytes -= len(frame.data.get("content") or "") + 64
                 if not self._items:
@@ -125,6 +155,7 @@ class FrameQueue:
         """Start a replay of `message_id` after `after_seq`: live frames wait until `release`."""
         self._held[message_id] = []
         self._taken_seq[message_id] = after_seq
+        self._seal_tail()
         # Frames of this answer still queued would repeat what the replay sends.
         kept = [frame for frame in self._items if frame.message_id != message_id]
         if len(kept) != len(self._items):

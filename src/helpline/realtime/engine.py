@@ -44,10 +44,15 @@ from helpline.core import metrics, telemetry
 from helpline.core.errors import ShuttingDown
 from helpline.realtime.backends import Backends, FrameListener, Unsubscribe
 from helpline.realtime.frames import Frame, token_frame
+from helpline.realtime.pressure import LoopLagMonitor
 
 log = structlog.get_logger(__name__)
 
 Outcome = Literal["complete", "cancelled", "failed"]
+
+# While the process is behind, an answer's pieces are joined for up to this long (the first
+# piece never waits).
+COALESCE_PIECES_S = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +122,15 @@ class RunningAnswer:
     shutdown: bool = False
     finishing: bool = False  # storing the result: no longer cancellable
     first_token_s: float | None = None
+    message_id_text: str = ""  # the answer's id as frames carry it, formatted once
+    # Pieces not yet published: joined into one `token` event while the process is behind.
+    unsent: list[str] = field(default_factory=list)
+    unsent_since: float = 0.0
+    flush_timer: asyncio.TimerHandle | None = None
+    emit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        self.message_id_text = str(self.job.assistant_message_id)
 
 
 class AnswerNotRunning(Exception):
@@ -148,6 +162,7 @@ class GenerationEngine:
         self.accepting = True
         self._background: set[asyncio.Task[Any]] = set()
         self._reaper: asyncio.Task[None] | None = None
+        self.loop_lag = LoopLagMonitor()
         self._closing_hooks: list[Callable[[], Awaitable[None]]] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -156,6 +171,7 @@ class GenerationEngine:
         await self.backends.start()
         self.backends.control.listen(self._on_control)
         self._reaper = asyncio.create_task(self._reap_orphans_forever(), name="answer-reaper")
+        self.loop_lag.start()
 
     async def close(self) -> None:
         if self._reaper is not None:
@@ -165,6 +181,7 @@ class GenerationEngine:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self.loop_lag.stop()
         await self.backends.close()
 
     def ensure_accepting(self) -> None:
@@ -312,7 +329,7 @@ class GenerationEngine:
                 async for event in events:
                     if isinstance(event, TextDelta):
                         if event.text:
-                            await self._emit_piece(running, event.text)
+                            await self._take_piece(running, event.text)
                     elif isinstance(event, Usage):
                         usage = event
                     elif isinstance(event, SourcesFound):
@@ -342,6 +359,8 @@ class GenerationEngine:
             error_detail = "The answer could not be generated"
         finally:
             running.finishing = True
+        # The text held back while the process was behind goes out before the final event.
+        await self._flush_pieces(running)
         return AnswerResult(
             job_conversation_id=job.conversation_id,
             message_id=job.assistant_message_id,
@@ -356,16 +375,48 @@ class GenerationEngine:
             model=self.answerer.model,
         )
 
-    async def _emit_piece(self, running: RunningAnswer, text: str) -> None:
-        job = running.job
-        if running.seq == 0:
-            running.first_token_s = time.perf_counter() - running.started_at
-        running.seq += 1
+    async def _take_piece(self, running: RunningAnswer, text: str) -> None:
+        """Publish a piece at once — or, while the process is behind, join it to the next ones."""
         running.pieces.append(text)
-        frame = token_frame(
-            job.conversation_id, job.assistant_message_id, job.reply_to, running.seq, text
-        )
-        await self._emit(job.assistant_message_id, frame)
+        unsent = running.unsent
+        unsent.append(text)
+        if running.seq == 0 or not self.loop_lag.behind:
+            await self._flush_pieces(running)
+            return
+        now = time.perf_counter()
+        if len(unsent) == 1:
+            running.unsent_since = now
+            running.flush_timer = asyncio.get_running_loop().call_later(
+                COALESCE_PIECES_S, self._flush_later, running
+            )
+        elif now - running.unsent_since >= COALESCE_PIECES_S:
+            await self._flush_pieces(running)
+
+    def _flush_later(self, running: RunningAnswer) -> None:
+        # No piece came within the window: the held text goes out on its own.
+        running.flush_timer = None
+        task = asyncio.create_task(self._flush_pieces(running))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _flush_pieces(self, running: RunningAnswer) -> None:
+        """Log and publish the unsent pieces as one `token` event (one `seq`)."""
+        async with running.emit_lock:  # a timer's flush and the answer's own keep `seq` order
+            if running.flush_timer is not None:
+                running.flush_timer.cancel()
+                running.flush_timer = None
+            if not running.unsent:
+                return
+            text = running.unsent[0] if len(running.unsent) == 1 else "".join(running.unsent)
+            running.unsent.clear()
+            job = running.job
+            if running.seq == 0:
+                running.first_token_s = time.perf_counter() - running.started_at
+            running.seq += 1
+            frame = token_frame(
+                job.conversation_id, running.message_id_text, job.reply_to, running.seq, text
+            )
+            await self._emit(job.assistant_message_id, frame)
 
     def _record_metrics(
         self, running: RunningAnswer, result: AnswerResult, usage: Usage, model: str

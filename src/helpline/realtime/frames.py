@@ -41,34 +41,35 @@ def dumps(data: dict[str, Any]) -> str:
 
 @dataclass(slots=True)
 class Frame:
-    """One server frame, with the routing facts kept beside its JSON object."""
+    """One server frame, with the routing facts kept beside its JSON object.
+
+    `type`, `message_id` and `seq` are read off `data` once: every subscriber's queue looks at
+    them for every frame.
+    """
 
     data: dict[str, Any]
     conversation_id: uuid.UUID
     created_at: float = field(default_factory=time.time)
     _encoded: str | None = None
+    type: str = field(init=False)
+    message_id: str | None = field(init=False)
+    seq: int | None = field(init=False)
 
-    @property
-    def type(self) -> str:
-        return str(self.data["type"])
-
-    @property
-    def message_id(self) -> str | None:
-        value = self.data.get("message_id")
-        return None if value is None else str(value)
-
-    @property
-    def seq(self) -> int | None:
-        value = self.data.get("seq")
-        return None if value is None else int(value)
+    def __post_init__(self) -> None:
+        data = self.data
+        self.type = str(data["type"])
+        message_id = data.get("message_id")
+        self.message_id = None if message_id is None else str(message_id)
+        seq = data.get("seq")
+        self.seq = None if seq is None else int(seq)
 
     @property
     def is_answer_event(self) -> bool:
-        return self.data["type"] in ANSWER_EVENT_TYPES
+        return self.type in ANSWER_EVENT_TYPES
 
     @property
     def is_final(self) -> bool:
-        return self.data["type"] in FINAL_EVENT_TYPES
+        return self.type in FINAL_EVENT_TYPES
 
     def encoded(self) -> str:
         if self._encoded is None:
@@ -99,21 +100,25 @@ class Frame:
         return f"data: {self.encoded()}\n\n".encode()
 
 
-def merge_tokens(first: Frame, later: Frame) -> Frame:
-    """One `token` frame holding both pieces (the `seq` of the later one)."""
+def merge_pieces(first: Frame, pieces: list[str], seq: int) -> Frame:
+    """One `token` frame of `pieces` (the first frame's, then later ones) and the last `seq`."""
     data = dict(first.data)
-    data["content"] = f"{first.data['content']}{later.data['content']}"
-    data["seq"] = later.data["seq"]
+    data["content"] = "".join(pieces)
+    data["seq"] = seq
     return Frame(data=data, conversation_id=first.conversation_id, created_at=first.created_at)
 
 
 def token_frame(
-    conversation_id: uuid.UUID, message_id: uuid.UUID, reply_to: str | None, seq: int, text: str
+    conversation_id: uuid.UUID,
+    message_id: uuid.UUID | str,
+    reply_to: str | None,
+    seq: int,
+    text: str,
 ) -> Frame:
     return Frame(
         data={
             "type": "token",
-            "message_id": str(message_id),
+            "message_id": str(message_id),  # the engine passes it as text, once per answer
             "reply_to": reply_to,
             "seq": seq,
             "content": text,

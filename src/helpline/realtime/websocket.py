@@ -30,6 +30,7 @@ import structlog
 from limits import parse
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
+from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
@@ -59,6 +60,13 @@ log = structlog.get_logger(__name__)
 LAG_SAMPLE_EVERY = 16
 CLOSE_ALL_WAIT_S = 5.0
 CLOSE_FRAME_WAIT_S = 5.0
+# While the process is behind (`helpline.realtime.pressure`), a socket lets an answer's pieces
+# gather this long after sending one, so that the same text goes out in fewer, larger frames.
+COALESCE_FRAMES_S = 0.04
+
+
+# The labelled counters of frames sent, by type: looked up once, not per frame.
+_FRAMES_OUT: dict[str, Counter] = {}
 
 
 class ChatFrame(BaseModel):
@@ -97,16 +105,37 @@ class FrameRateLimiter:
 
 
 class ConnectionRegistry:
-    """The chat sockets of this process, to close them by user, login or all at once."""
+    """The chat sockets of this process, to close them by user, login or all at once.
 
-    def __init__(self) -> None:
+    It also watches their sends: one whose send has not finished within `send_timeout_s` is
+    a slow consumer and is closed. One watchdog for all sockets costs less than a timer per
+    frame sent.
+    """
+
+    def __init__(self, send_timeout_s: float = 10.0) -> None:
         self.connections: set[ChatConnection] = set()
+        self.send_timeout_s = send_timeout_s
+        self._watchdog: asyncio.Task[None] | None = None
 
     def add(self, connection: ChatConnection) -> None:
         self.connections.add(connection)
+        if self._watchdog is None or self._watchdog.done():
+            self._watchdog = asyncio.get_running_loop().create_task(
+                self._watch_sends(), name="ws-send-watchdog"
+            )
 
     def discard(self, connection: ChatConnection) -> None:
         self.connections.discard(connection)
+
+    async def _watch_sends(self) -> None:
+        interval = min(1.0, self.send_timeout_s / 4)
+        while self.connections:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for connection in list(self.connections):
+                started = connection.send_started_at
+                if started is not None and now - started > self.send_timeout_s:
+                    connection.close_slow_consumer()
 
     def close_matching(
         self, predicate: Callable[[ChatConnection], bool], code: int, reason: str
@@ -119,12 +148,14 @@ class ConnectionRegistry:
     async def close_all(self, code: int, reason: str) -> None:
         connections = list(self.connections)
         for connection in connections:
-            connection.request_close(code, reason)
+            connection.request_close(code, reason, send_queued=True)
         waits = [c.finished.wait() for c in connections]
         if waits:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_ALL_WAIT_S):
                     await asyncio.gather(*waits)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
 
 
 class ChatConnection:
@@ -156,17 +187,35 @@ class ChatConnection:
         self._close: tuple[int, str] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._sent = 0
+        self.send_started_at: float | None = None  # monotonic time of the send in progress
+        self._send_queued_first = False
 
     @property
     def login_id(self) -> uuid.UUID | None:
         return self.identity.login_id
 
-    def request_close(self, code: int, reason: str) -> None:
-        """Close the socket soon (from any task): stops both loops and sends the close frame."""
+    def request_close(self, code: int, reason: str, *, send_queued: bool = False) -> None:
+        """Close the socket soon (from any task): stops both loops and sends the close frame.
+
+        With `send_queued`, the frames already queued (e.g. an answer's final frame, at
+        shutdown) are sent first, within the send timeout.
+        """
         if self._close is None:
             self._close = (code, reason)
+        if send_queued and self._tasks:
+            self._send_queued_first = True
+            self.queue.close()  # the writer sends what is queued, then stops
+            self._tasks[0].cancel()  # the reader
+            return
         for task in self._tasks:
             task.cancel()
+
+    def close_slow_consumer(self) -> None:
+        """The client stopped taking data: close it with `4008` (it may resume later)."""
+        if self._close is None:
+            metrics.WEBSOCKET_SLOW_CONSUMERS.inc()
+            log.info("ws.slow_consumer", connection=self.id, user_id=str(self.user.id))
+        self.request_close(CLOSE_SLOW_CONSUMER, "slow consumer")
 
     def _on_frame(self, frame: Frame) -> None:
         # Typing indicators go to the other participants only.
@@ -193,6 +242,8 @@ class ChatConnection:
         ]
         try:
             await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+            if self._send_queued_first:
+                await asyncio.wait(self._tasks[1:], timeout=self.settings.ws_send_timeout_s)
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -216,26 +267,31 @@ class ChatConnection:
                 await self.websocket.close(code=code, reason=reason)
 
     async def _write_loop(self) -> None:
-        timeout = self.settings.ws_send_timeout_s
         websocket = self.websocket
+        queue = self.queue
+        loop_lag = self.engine.loop_lag
         try:
             while True:
-                frame = await self.queue.get()
-                async with asyncio.timeout(timeout):
-                    await websocket.send_text(frame.encoded())
+                frame = await queue.get()
+                self.send_started_at = time.monotonic()
+                await websocket.send_text(frame.encoded())
+                self.send_started_at = None
                 self._count_sent(frame)
-        except (SlowConsumer, TimeoutError):
-            metrics.WEBSOCKET_SLOW_CONSUMERS.inc()
-            log.info("ws.slow_consumer", connection=self.id, user_id=str(self.user.id))
-            if self._close is None:
-                self._close = (CLOSE_SLOW_CONSUMER, "slow consumer")
+                if frame.type == "token" and loop_lag.behind:
+                    await asyncio.sleep(COALESCE_FRAMES_S)
+        except SlowConsumer:
+            self.close_slow_consumer()
         except (QueueClosed, WebSocketDisconnect, RuntimeError):
             return
 
     def _count_sent(self, frame: Frame) -> None:
         self._sent += 1
         kind = frame.type
-        metrics.WEBSOCKET_FRAMES.labels(direction="out", type=kind).inc()
+        counter = _FRAMES_OUT.get(kind)
+        if counter is None:
+            counter = metrics.WEBSOCKET_FRAMES.labels(direction="out", type=kind)
+            _FRAMES_OUT[kind] = counter
+        counter.inc()
         if kind != "token" or self._sent % LAG_SAMPLE_EVERY == 0:
             metrics.EVENT_DELIVERY_LAG.observe(max(0.0, time.time() - frame.created_at))
 
