@@ -7,7 +7,12 @@ import uuid
 
 import pytest
 
-from helpline.realtime.connection import FrameQueue, QueueClosed, SlowConsumer
+from helpline.realtime.connection import (
+    MAX_MERGED_CHARS,
+    FrameQueue,
+    QueueClosed,
+    SlowConsumer,
+)
 from helpline.realtime.frames import Frame, message_frame, token_frame
 
 CONVERSATION = uuid.uuid4()
@@ -68,6 +73,21 @@ async def test_pending_tokens_merge_into_one_frame_with_the_last_seq() -> None:
     assert merged.data["reply_to"] == "q1"
     # A merged frame is encoded with its merged content.
     assert '"content":"Hello there, how can"' in merged.encoded()
+
+
+async def test_a_merged_frame_stops_growing_at_its_size_limit() -> None:
+    queue = FrameQueue(64)
+    piece = "x" * 1000
+    count = 2 * MAX_MERGED_CHARS // len(piece) + 1
+    for seq in range(1, count + 1):
+        queue.put(token_frame(CONVERSATION, ANSWER, "q1", seq, piece))
+
+    frames = await take_all(queue)
+
+    assert len(frames) == 3
+    assert all(len(f.data["content"]) <= MAX_MERGED_CHARS for f in frames)
+    assert [f.seq for f in frames][-1] == count
+    assert text_of(frames) == piece * count
 
 
 async def test_tokens_do_not_merge_across_another_frame() -> None:

@@ -27,6 +27,7 @@ from helpline.kit.models import utcnow
 from helpline.realtime.backends import create_memory_backends
 from helpline.realtime.engine import GenerationEngine, lease_key
 from helpline.realtime.frames import Frame, token_frame
+from helpline.realtime.pressure import LoopLagMonitor
 from tests.conftest import _empty_tables_for
 from tests.factories import create_user
 from tests.realtime.helpers import eventually
@@ -431,3 +432,44 @@ async def test_queue_policy_answers_every_queued_question_in_order(
         "second answer",
         "third answer",
     ]
+
+
+# -- a busy process ----------------------------------------------------------------------------
+
+
+async def test_a_busy_process_joins_pieces_but_sends_the_first_at_once(
+    rig: Rig, customer: User
+) -> None:
+    rig.engine.loop_lag = LoopLagMonitor(behind_after_s=-1.0)  # always behind
+    conversation_id = await rig.conversation(customer)
+    sent = await rig.send(customer, conversation_id, "q [[tokens=60 delay_ms=2]]")
+    assert sent.answer_id is not None
+
+    final = await rig.answer_ended(sent.answer_id)
+
+    tokens = [f for f in rig.frames if f.type == "token" and f.message_id == str(sent.answer_id)]
+    assert len(str(tokens[0].data["content"]).split()) == 1  # the first piece alone, at once
+    assert 1 < len(tokens) < 60  # the others joined into fewer events
+    assert [f.seq for f in tokens] == list(range(1, len(tokens) + 1))
+    assert final.seq == len(tokens) + 1
+    text = "".join(str(f.data["content"]) for f in tokens)
+    assert len(text.split()) == 60
+    assert (await rig.message(sent.answer_id)).content == text
+
+
+async def test_held_pieces_go_out_when_the_model_pauses(rig: Rig, customer: User) -> None:
+    rig.engine.loop_lag = LoopLagMonitor(behind_after_s=-1.0)
+    conversation_id = await rig.conversation(customer)
+    # Three quick pieces, then the model stalls: the held ones must not wait for it.
+    sent = await rig.send(customer, conversation_id, '[[reply="a b c" hang_after=3]] q')
+    assert sent.answer_id is not None
+
+    async def all_text_out() -> bool:
+        tokens = [f for f in rig.frames if f.type == "token"]
+        return "".join(str(f.data["content"]) for f in tokens) == "a b c"
+
+    await eventually(all_text_out, within=2.0)
+    await rig.engine.request_cancel(sent.answer_id)
+    final = await rig.answer_ended(sent.answer_id)
+    assert final.type == "cancelled"
+    assert final.data["message"]["content"] == "a b c"
