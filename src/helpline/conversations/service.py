@@ -85,10 +85,16 @@ async def create_conversation(
 
 
 async def get_conversation(
-    session: AsyncSession, *, user: User, conversation_id: uuid.UUID
+    session: AsyncSession, *, user: User, conversation_id: uuid.UUID, lock: bool = False
 ) -> Conversation:
-    """The conversation if `user` may see it: its owner, or any agent or admin."""
-    conversation = await repository.get_conversation(session, conversation_id)
+    """The conversation if `user` may see it: its owner, or any agent or admin.
+
+    With `lock`, it is loaded for an update (row lock on PostgreSQL).
+    """
+    if lock:
+        conversation = await repository.lock_conversation(session, conversation_id)
+    else:
+        conversation = await repository.get_conversation(session, conversation_id)
     if conversation is None:
         raise ConversationNotFound(conversation_id)
     if conversation.user_id != user.id and not is_staff(user):
@@ -244,23 +250,19 @@ async def send_message(
     conversation: Conversation,
     content: str,
     client_message_id: str | None,
+    locked: bool = False,
 ) -> SendResult:
     """Store a message; a customer's message in an `open` conversation starts an AI answer.
 
     Idempotent by `client_message_id`. A second send while an answer streams is refused
     (`GENERATION_IN_PROGRESS`) or, with `queue_when_busy`, stored and answered afterwards.
+    `locked`: the caller loaded `conversation` for an update already.
     """
+    if not locked:
+        conversation = await repository.lock_conversation(session, conversation.id) or conversation
     if client_message_id is not None:
-        existing = await repository.get_by_client_id(
-            session, conversation_id=conversation.id, client_message_id=client_message_id
-        )
-        if existing is not None:
-            return await _replay(session, existing, content)
-
-    conversation = await repository.lock_conversation(session, conversation.id) or conversation
-    if client_message_id is not None:
-        # The same send may have committed while we waited for the lock: replay it rather than
-        # refuse it as a second send (GENERATION_IN_PROGRESS).
+        # Looked up under the lock: the same send may have committed while we waited for it,
+        # and is replayed rather than refused as a second send (GENERATION_IN_PROGRESS).
         existing = await repository.get_by_client_id(
             session, conversation_id=conversation.id, client_message_id=client_message_id
         )
@@ -372,7 +374,9 @@ async def post_message(
     the commit and must not hold a request's session while they do.
     """
     async with unit_of_work(sessionmaker) as session:
-        conversation = await get_conversation(session, user=author, conversation_id=conversation_id)
+        conversation = await get_conversation(
+            session, user=author, conversation_id=conversation_id, lock=True
+        )
         return await send_message(
             session,
             engine=engine,
@@ -381,6 +385,7 @@ async def post_message(
             conversation=conversation,
             content=content,
             client_message_id=client_message_id,
+            locked=True,
         )
 
 
