@@ -148,7 +148,7 @@ async def _start_generation(app: FastAPI, settings: Settings) -> None:
     )
     await engine.start()
     app.state.generation_engine = engine
-    registry = ConnectionRegistry(settings.ws_send_timeout_s)
+    registry = ConnectionRegistry()
     app.state.ws_connections = registry
     app.state.ws_frame_limiter = FrameRateLimiter(settings.ws_rate_limit)
     app.state.before_model_call = model_call_guard(

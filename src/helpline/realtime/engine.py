@@ -53,6 +53,7 @@ Outcome = Literal["complete", "cancelled", "failed"]
 # While the process is behind, an answer's pieces are joined for up to this long (the first
 # piece never waits).
 COALESCE_PIECES_S = 0.02
+COALESCE_MAX_CHARS = 8 * 1024  # and into events of at most about this much text
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +126,7 @@ class RunningAnswer:
     message_id_text: str = ""  # the answer's id as frames carry it, formatted once
     # Pieces not yet published: joined into one `token` event while the process is behind.
     unsent: list[str] = field(default_factory=list)
+    unsent_chars: int = 0
     unsent_since: float = 0.0
     flush_timer: asyncio.TimerHandle | None = None
     emit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -380,7 +382,12 @@ class GenerationEngine:
         running.pieces.append(text)
         unsent = running.unsent
         unsent.append(text)
-        if running.seq == 0 or not self.loop_lag.behind:
+        running.unsent_chars += len(text)
+        if (
+            running.seq == 0
+            or not self.loop_lag.behind
+            or running.unsent_chars >= COALESCE_MAX_CHARS
+        ):
             await self._flush_pieces(running)
             return
         now = time.perf_counter()
@@ -409,6 +416,7 @@ class GenerationEngine:
                 return
             text = running.unsent[0] if len(running.unsent) == 1 else "".join(running.unsent)
             running.unsent.clear()
+            running.unsent_chars = 0
             job = running.job
             if running.seq == 0:
                 running.first_token_s = time.perf_counter() - running.started_at

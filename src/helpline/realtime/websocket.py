@@ -105,37 +105,16 @@ class FrameRateLimiter:
 
 
 class ConnectionRegistry:
-    """The chat sockets of this process, to close them by user, login or all at once.
+    """The chat sockets of this process, to close them by user, login or all at once."""
 
-    It also watches their sends: one whose send has not finished within `send_timeout_s` is
-    a slow consumer and is closed. One watchdog for all sockets costs less than a timer per
-    frame sent.
-    """
-
-    def __init__(self, send_timeout_s: float = 10.0) -> None:
+    def __init__(self) -> None:
         self.connections: set[ChatConnection] = set()
-        self.send_timeout_s = send_timeout_s
-        self._watchdog: asyncio.Task[None] | None = None
 
     def add(self, connection: ChatConnection) -> None:
         self.connections.add(connection)
-        if self._watchdog is None or self._watchdog.done():
-            self._watchdog = asyncio.get_running_loop().create_task(
-                self._watch_sends(), name="ws-send-watchdog"
-            )
 
     def discard(self, connection: ChatConnection) -> None:
         self.connections.discard(connection)
-
-    async def _watch_sends(self) -> None:
-        interval = min(1.0, self.send_timeout_s / 4)
-        while self.connections:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            for connection in list(self.connections):
-                started = connection.send_started_at
-                if started is not None and now - started > self.send_timeout_s:
-                    connection.close_slow_consumer()
 
     def close_matching(
         self, predicate: Callable[[ChatConnection], bool], code: int, reason: str
@@ -154,8 +133,6 @@ class ConnectionRegistry:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_ALL_WAIT_S):
                     await asyncio.gather(*waits)
-        if self._watchdog is not None:
-            self._watchdog.cancel()
 
 
 class ChatConnection:
@@ -187,7 +164,6 @@ class ChatConnection:
         self._close: tuple[int, str] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._sent = 0
-        self.send_started_at: float | None = None  # monotonic time of the send in progress
         self._send_queued_first = False
 
     @property
@@ -269,17 +245,17 @@ class ChatConnection:
     async def _write_loop(self) -> None:
         websocket = self.websocket
         queue = self.queue
+        timeout = self.settings.ws_send_timeout_s
         loop_lag = self.engine.loop_lag
         try:
             while True:
                 frame = await queue.get()
-                self.send_started_at = time.monotonic()
-                await websocket.send_text(frame.encoded())
-                self.send_started_at = None
+                async with asyncio.timeout(timeout):
+                    await websocket.send_text(frame.encoded())
                 self._count_sent(frame)
                 if frame.type == "token" and loop_lag.behind:
                     await asyncio.sleep(COALESCE_FRAMES_S)
-        except SlowConsumer:
+        except (SlowConsumer, TimeoutError):
             self.close_slow_consumer()
         except (QueueClosed, WebSocketDisconnect, RuntimeError):
             return
