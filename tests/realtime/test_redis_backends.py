@@ -13,7 +13,12 @@ from redis.asyncio import Redis
 from helpline.core.config import Settings
 from helpline.realtime.backends import Backends
 from helpline.realtime.frames import Frame, message_frame, token_frame
-from helpline.realtime.redis_backends import RedisBroker, RedisControlBus, create_redis_backends
+from helpline.realtime.redis_backends import (
+    RedisBroker,
+    RedisControlBus,
+    RedisEventLog,
+    create_redis_backends,
+)
 from tests.conftest import REDIS_URL, make_settings
 from tests.realtime.helpers import eventually
 
@@ -308,6 +313,55 @@ async def test_local_subscribers_get_frames_while_redis_is_unreachable(
         await backends.broker.publish(message_frame(conversation_id, {"id": "m"}))
         assert [f.type for f in received] == ["token", "message"]
         assert not await backends.broker.healthy()
+    finally:
+        await backends.close()
+        await unreachable.aclose()
+
+
+# -- an answer's events --------------------------------------------------------------------------
+
+
+async def test_an_answer_event_is_logged_then_published_to_every_instance(
+    make_backends: BackendsFactory, redis: Redis, redis_only_settings: Settings
+) -> None:
+    one, two = await make_backends(), await make_backends()
+    conversation_id, message_id = uuid.uuid4(), uuid.uuid4()
+    on_one: list[Frame] = []
+    on_two: list[Frame] = []
+    one.broker.subscribe(conversation_id, on_one.append)
+    two.broker.subscribe(conversation_id, on_two.append)
+    await eventually(lambda: _subscribed(redis, broker_of(one).channel(conversation_id), 2))
+
+    for seq in (1, 2):
+        await one.log_and_publish(
+            message_id, token_frame(conversation_id, message_id, "q1", seq, f" piece{seq}")
+        )
+
+    assert [f.seq for f in on_one] == [1, 2]  # local delivery, without an echo from Redis
+    await eventually(lambda: len(on_two) == 2)
+    assert [f.data["content"] for f in on_two] == [" piece1", " piece2"]
+    logged = await two.event_log.read_after(message_id, 1)
+    assert logged is not None
+    assert [f.seq for f in logged] == [2]
+    assert isinstance(one.event_log, RedisEventLog)
+    ttl = await redis.ttl(one.event_log.key(message_id))
+    assert 0 < ttl <= redis_only_settings.event_log_ttl_s
+
+
+async def test_an_answer_event_reaches_local_subscribers_while_redis_is_unreachable(
+    redis_only_settings: Settings,
+) -> None:
+    unreachable: Redis = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+    backends = create_redis_backends(unreachable, redis_only_settings)
+    await backends.start()
+    try:
+        conversation_id, message_id = uuid.uuid4(), uuid.uuid4()
+        received: list[Frame] = []
+        backends.broker.subscribe(conversation_id, received.append)
+        for seq in (1, 2):
+            frame = token_frame(conversation_id, message_id, "q1", seq, "Hello")
+            await backends.log_and_publish(message_id, frame)  # best effort: no error
+        assert [f.seq for f in received] == [1, 2]
     finally:
         await backends.close()
         await unreachable.aclose()

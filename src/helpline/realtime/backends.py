@@ -246,6 +246,18 @@ class Backends:
     control: ControlBus
     shared: bool  # True when several instances share them (Redis)
 
+    async def log_and_publish(self, message_id: uuid.UUID, frame: Frame) -> None:
+        """Append an answer's event to its log, then deliver it to every subscriber.
+
+        In that order, so that a client that saw the frame finds it in the log when it resumes.
+        A log that cannot be written is logged, not raised: the live clients still get the frame.
+        """
+        try:
+            await self.event_log.append(message_id, frame)
+        except Exception:
+            log.warning("realtime.event_log_append_failed", message_id=str(message_id))
+        await self.broker.publish(frame)
+
     async def start(self) -> None:
         await self.broker.start()
         await self.control.start()

@@ -447,11 +447,7 @@ class GenerationEngine:
 
     async def _emit(self, message_id: uuid.UUID, frame: Frame) -> None:
         """Log, then publish: a client that resumes after seeing a frame finds it in the log."""
-        try:
-            await self.backends.event_log.append(message_id, frame)
-        except Exception:
-            log.warning("engine.event_log_append_failed", message_id=str(message_id))
-        await self.backends.broker.publish(frame)
+        await self.backends.log_and_publish(message_id, frame)
 
     async def _finish(self, result: AnswerResult) -> StoredAnswer:
         stored = await self.store.store_result(result)

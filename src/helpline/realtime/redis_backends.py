@@ -48,6 +48,18 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# An answer's event in one round trip: appended to its log stream, then published to the
+# conversation's channel (KEYS: stream, channel; ARGV: entry id, frame, publisher prefix, TTL or
+# "" to leave the stream's TTL as it is).
+_LOG_AND_PUBLISH = """
+redis.call('XADD', KEYS[1], ARGV[1], 'f', ARGV[2])
+if ARGV[4] ~= '' then
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+end
+return redis.call('PUBLISH', KEYS[2], ARGV[3] .. ARGV[2])
+"""
+# The log's TTL is set with its first event and refreshed every so many after (and at the end).
+TTL_REFRESH_EVERY = 256
 RECONNECT_MAX_S = 2.0
 BREAKER_COOLDOWN_S = 1.0
 
@@ -313,14 +325,59 @@ class RedisControlBus:
         await self._subscriber.close()
 
 
+class RedisBackends(Backends):
+    """The Redis backends; an answer's event is logged and published in one round trip."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        broker: RedisBroker,
+        event_log: RedisEventLog,
+        leases: RedisLeaseStore,
+        control: RedisControlBus,
+        breaker: Breaker,
+    ) -> None:
+        super().__init__(
+            broker=broker, event_log=event_log, leases=leases, control=control, shared=True
+        )
+        self.redis_broker = broker
+        self.redis_log = event_log
+        self.breaker = breaker
+        self._log_and_publish = redis.register_script(_LOG_AND_PUBLISH)
+
+    async def log_and_publish(self, message_id: uuid.UUID, frame: Frame) -> None:
+        if self.breaker.allows():
+            seq = frame.seq or 0
+            refresh_ttl = seq % TTL_REFRESH_EVERY == 1 or frame.is_final
+            try:
+                await self._log_and_publish(
+                    keys=[
+                        self.redis_log.key(message_id),
+                        self.redis_broker.channel(frame.conversation_id),
+                    ],
+                    args=[
+                        f"{seq}-0",
+                        frame.to_wire(),
+                        self.redis_broker.instance_id + b"|",
+                        self.redis_log.retention_s if refresh_ttl else "",
+                    ],
+                )
+            except Exception as exc:
+                self.breaker.trip("log_and_publish", exc)
+        # Local clients get it in any case: an answer keeps streaming while Redis is away.
+        self.redis_broker.local.deliver(frame)
+
+
 def create_redis_backends(redis: Redis, settings: Settings) -> Backends:
     prefix = f"{settings.redis_key_prefix}rt:"
     instance_id = uuid.uuid4().hex.encode()
     breaker = Breaker()
-    return Backends(
+    return RedisBackends(
+        redis,
         broker=RedisBroker(redis, prefix, instance_id, breaker),
         event_log=RedisEventLog(redis, prefix, settings.event_log_ttl_s, breaker),
         leases=RedisLeaseStore(redis, prefix),
         control=RedisControlBus(redis, prefix, instance_id, breaker),
-        shared=True,
+        breaker=breaker,
     )
