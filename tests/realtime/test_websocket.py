@@ -217,8 +217,9 @@ async def test_chat_streams_the_message_then_numbered_tokens_then_complete(
         answer = Answer()
         while not answer.add(await socket.recv()):
             pass
-    # A frame per piece while the server keeps up; a busy server joins pieces (fewer frames).
-    assert answer.seqs == list(range(1, len(answer.seqs) + 1))
+    # A frame per piece while the server keeps up; a busy server joins pieces (fewer frames,
+    # and `seq` may jump), the text never has a gap.
+    assert answer.seqs == sorted(set(answer.seqs))
     for frame in answer.tokens:
         assert set(frame) == TOKEN_FIELDS
         assert frame["reply_to"] == "msg-1"
@@ -226,7 +227,7 @@ async def test_chat_streams_the_message_then_numbered_tokens_then_complete(
     final = answer.final
     assert final is not None
     assert final["type"] == "complete"
-    assert final["seq"] == len(answer.seqs) + 1
+    assert final["seq"] == answer.seqs[-1] + 1
     assert final["reply_to"] == "msg-1"
     assert final["message_id"] == answer.tokens[0]["message_id"]
     assert final["message"]["id"] == final["message_id"]
