@@ -527,7 +527,7 @@ async def test_cancel_stores_the_partial_answer_as_cancelled(
     )
     model = fake_model_of(app)
     engine = app.state.generation_engine
-    await eventually(lambda: [r.seq for r in engine.running.values()] == [2])
+    await eventually(lambda: [len(r.pieces) for r in engine.running.values()] == [2])
     response = await client.post(f"/conversations/{conversation_id}/cancel", headers=alice.headers)
     assert response.status_code == 202
     async with asyncio.timeout(10):

@@ -386,7 +386,7 @@ async def test_a_client_that_falls_behind_gets_merged_tokens_without_a_gap_and_c
         url, conversation_id, alice.token, sock=behind, max_queue=1, compression=None
     ) as slow:
         await slow.ping()
-        await slow.chat("[[tokens=1500]] " + "w" * 150, "merge-1")
+        await slow.chat("[[tokens=6000]] " + "w" * 150, "merge-1")
         # Read nothing while the answer is generated: its tokens pile up for this client.
         answer_row = await eventually(
             lambda: _latest_answer(http, alice, conversation_id), within=20, interval=0.1
@@ -399,7 +399,7 @@ async def test_a_client_that_falls_behind_gets_merged_tokens_without_a_gap_and_c
     assert merged.seqs == sorted(set(merged.seqs))
     jumps = [b - a for a, b in zip(merged.seqs, merged.seqs[1:], strict=False)]
     assert any(jump > 1 for jump in jumps), "no frames were merged"
-    assert len(merged.text.split()) == 1500
+    assert len(merged.text.split()) == 6000
     assert merged.final["seq"] == merged.seqs[-1] + 1
 
     # Resuming after the seq of a merged frame yields exactly the text after it.

@@ -50,10 +50,10 @@ log = structlog.get_logger(__name__)
 
 Outcome = Literal["complete", "cancelled", "failed"]
 
-# While the process is behind, an answer's pieces are joined for up to this long (the first
-# piece never waits).
+# While the process is behind, an answer's pieces gather this long before they are published
+# (the first piece never waits)...
 COALESCE_PIECES_S = 0.02
-COALESCE_MAX_CHARS = 8 * 1024  # and into events of at most about this much text
+COALESCE_MAX_CHARS = 4 * 1024  # ...into events of at most this much text (or one piece).
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,12 +124,9 @@ class RunningAnswer:
     finishing: bool = False  # storing the result: no longer cancellable
     first_token_s: float | None = None
     message_id_text: str = ""  # the answer's id as frames carry it, formatted once
-    # Pieces not yet published: joined into one `token` event while the process is behind.
+    # Pieces taken from the answerer and not yet published, and the task publishing them.
     unsent: list[str] = field(default_factory=list)
-    unsent_chars: int = 0
-    unsent_since: float = 0.0
-    flush_timer: asyncio.TimerHandle | None = None
-    emit_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    publisher: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self.message_id_text = str(self.job.assistant_message_id)
@@ -331,7 +328,7 @@ class GenerationEngine:
                 async for event in events:
                     if isinstance(event, TextDelta):
                         if event.text:
-                            await self._take_piece(running, event.text)
+                            self._take_piece(running, event.text)
                     elif isinstance(event, Usage):
                         usage = event
                     elif isinstance(event, SourcesFound):
@@ -361,8 +358,8 @@ class GenerationEngine:
             error_detail = "The answer could not be generated"
         finally:
             running.finishing = True
-        # The text held back while the process was behind goes out before the final event.
-        await self._flush_pieces(running)
+        # Every piece is out before the final event.
+        await self._publish_rest(running)
         return AnswerResult(
             job_conversation_id=job.conversation_id,
             message_id=job.assistant_message_id,
@@ -377,54 +374,56 @@ class GenerationEngine:
             model=self.answerer.model,
         )
 
-    async def _take_piece(self, running: RunningAnswer, text: str) -> None:
-        """Publish a piece at once — or, while the process is behind, join it to the next ones."""
+    def _take_piece(self, running: RunningAnswer, text: str) -> None:
+        """Keep a piece and have it published; the answerer is never held up by publishing."""
         running.pieces.append(text)
-        unsent = running.unsent
-        unsent.append(text)
-        running.unsent_chars += len(text)
-        if (
-            running.seq == 0
-            or not self.loop_lag.behind
-            or running.unsent_chars >= COALESCE_MAX_CHARS
-        ):
-            await self._flush_pieces(running)
-            return
-        now = time.perf_counter()
-        if len(unsent) == 1:
-            running.unsent_since = now
-            running.flush_timer = asyncio.get_running_loop().call_later(
-                COALESCE_PIECES_S, self._flush_later, running
+        running.unsent.append(text)
+        if running.publisher is None or running.publisher.done():
+            running.publisher = asyncio.create_task(
+                self._publish_unsent(running), name=f"publish-{running.message_id_text}"
             )
-        elif now - running.unsent_since >= COALESCE_PIECES_S:
-            await self._flush_pieces(running)
 
-    def _flush_later(self, running: RunningAnswer) -> None:
-        # No piece came within the window: the held text goes out on its own.
-        running.flush_timer = None
-        task = asyncio.create_task(self._flush_pieces(running))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    async def _publish_unsent(self, running: RunningAnswer, *, wait: bool = True) -> None:
+        """Log and publish the unsent pieces, as `token` events numbered by `seq`.
 
-    async def _flush_pieces(self, running: RunningAnswer) -> None:
-        """Log and publish the unsent pieces as one `token` event (one `seq`)."""
-        async with running.emit_lock:  # a timer's flush and the answer's own keep `seq` order
-            if running.flush_timer is not None:
-                running.flush_timer.cancel()
-                running.flush_timer = None
-            if not running.unsent:
-                return
-            text = running.unsent[0] if len(running.unsent) == 1 else "".join(running.unsent)
-            running.unsent.clear()
-            running.unsent_chars = 0
-            job = running.job
+        Pieces that come while an event is on its way (a Redis round trip, with several
+        instances) are joined into the next event, and while the process is behind they gather
+        for a moment first: a busy process or a slow shared backend means fewer, larger events,
+        never a slower answer. The first piece goes out at once.
+        """
+        if wait and running.seq > 0 and self.loop_lag.behind:
+            await asyncio.sleep(COALESCE_PIECES_S)
+        job = running.job
+        while running.unsent:
+            taken, size = 0, 0
+            for piece in running.unsent:
+                if taken and size + len(piece) > COALESCE_MAX_CHARS:
+                    break
+                taken += 1
+                size += len(piece)
+            pieces = running.unsent[:taken]
+            del running.unsent[:taken]
             if running.seq == 0:
                 running.first_token_s = time.perf_counter() - running.started_at
             running.seq += 1
             frame = token_frame(
-                job.conversation_id, running.message_id_text, job.reply_to, running.seq, text
+                job.conversation_id,
+                running.message_id_text,
+                job.reply_to,
+                running.seq,
+                pieces[0] if taken == 1 else "".join(pieces),
             )
             await self._emit(job.assistant_message_id, frame)
+
+    async def _publish_rest(self, running: RunningAnswer) -> None:
+        """Wait for the pieces on their way, then publish any left, without gathering more."""
+        publisher = running.publisher
+        if publisher is not None and not publisher.done():
+            # Shielded: the answer's task may be cut (shutdown) while its text is still going out.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(publisher)
+        if running.unsent:
+            await self._publish_unsent(running, wait=False)
 
     def _record_metrics(
         self, running: RunningAnswer, result: AnswerResult, usage: Usage, model: str
