@@ -185,15 +185,19 @@ async def finish_answer(
     *,
     message_id: uuid.UUID,
     values: dict[str, object],
-) -> bool:
-    """Store an answer's final state, only if it is still `streaming` (exactly once)."""
+) -> Message | None:
+    """Store an answer's final state, only if it is still `streaming` (exactly once).
+
+    The stored message, or None when it was final already (or is gone).
+    """
     statement = (
         update(Message)
         .where(Message.id == message_id, Message.status == MessageStatus.STREAMING)
         .values(**values)
+        .returning(Message)
+        .execution_options(populate_existing=True)
     )
-    result = await session.execute(statement)
-    return bool(getattr(result, "rowcount", 0))
+    return (await session.scalars(statement)).one_or_none()
 
 
 async def count_messages(session: AsyncSession, conversation_id: uuid.UUID) -> dict[str, int]:
@@ -207,17 +211,23 @@ async def count_messages(session: AsyncSession, conversation_id: uuid.UUID) -> d
 
 async def touch_conversation(
     session: AsyncSession, conversation_id: uuid.UUID, moment: datetime, *, answered: bool
-) -> None:
+) -> tuple[uuid.UUID, datetime | None] | None:
+    """Mark the conversation active at `moment` (and first answered, if it had no answer yet).
+
+    Its owner and the end of its running summary, or None when it is gone.
+    """
     values: dict[str, object] = {"updated_at": moment}
-    await session.execute(
-        update(Conversation).where(Conversation.id == conversation_id).values(**values)
-    )
     if answered:
-        await session.execute(
-            update(Conversation)
-            .where(Conversation.id == conversation_id, Conversation.first_answer_at.is_(None))
-            .values(first_answer_at=moment)
-        )
+        values["first_answer_at"] = func.coalesce(Conversation.first_answer_at, moment)
+    statement = (
+        update(Conversation)
+        .where(Conversation.id == conversation_id)
+        .values(**values)
+        .returning(Conversation.user_id, Conversation.summary_until)
+        .execution_options(synchronize_session=False)
+    )
+    row = (await session.execute(statement)).one_or_none()
+    return None if row is None else (row[0], row[1])
 
 
 async def add_token_usage(

@@ -728,22 +728,18 @@ class ConversationAnswerStore:
     async def store_result(self, result: AnswerResult) -> StoredAnswer:
         now = utcnow()
         async with unit_of_work(self.sessionmaker) as session:
-            message = await repository.get_message(session, result.message_id)
-            if message is None:  # the conversation was deleted meanwhile
-                usage = result.usage or Usage(0, estimate_tokens(result.content), estimated=True)
-                return StoredAnswer(message={}, usage=usage, reply_to=None, changed=False)
-            usage = result.usage or Usage(
-                prompt_tokens=message.prompt_tokens or 0,
-                completion_tokens=estimate_tokens(result.content),
-                estimated=True,
+            # Without the provider's usage, the prompt keeps the estimate stored at the start.
+            completion_tokens = (
+                result.usage.completion_tokens
+                if result.usage is not None
+                else estimate_tokens(result.content)
             )
             values: dict[str, object] = {
                 "content": result.content,
                 "status": MessageStatus(result.outcome),
-                "token_count": usage.completion_tokens,
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "usage_estimated": usage.estimated,
+                "token_count": completion_tokens,
+                "completion_tokens": completion_tokens,
+                "usage_estimated": result.usage is None or result.usage.estimated,
                 "sources": [
                     {
                         "document_id": str(source.document_id),
@@ -756,61 +752,77 @@ class ConversationAnswerStore:
                 "error_code": result.error_code,
                 "updated_at": now,
             }
+            if result.usage is not None:
+                values["prompt_tokens"] = result.usage.prompt_tokens
             if result.model:
                 values["model"] = result.model
-            stored = await repository.finish_answer(
+            message = await repository.finish_answer(
                 session, message_id=result.message_id, values=values
             )
-            if stored:
-                await repository.touch_conversation(
-                    session,
-                    message.conversation_id,
-                    now,
-                    answered=bool(result.content),
-                )
+            if message is None:
+                # Stored as final already (e.g. by another instance), or deleted meanwhile.
+                return await self._already_stored(session, result)
+            usage = Usage(
+                prompt_tokens=message.prompt_tokens or 0,
+                completion_tokens=completion_tokens,
+                estimated=message.usage_estimated,
+            )
+            conversation = await repository.touch_conversation(
+                session, message.conversation_id, now, answered=bool(result.content)
+            )
+            if conversation is not None:
+                owner_id, summary_until = conversation
                 # Charged with the stored usage, in the same transaction: cancelled and failed
                 # answers pay for what they streamed.
-                conversation = await repository.get_conversation(session, message.conversation_id)
-                if conversation is not None:
-                    await repository.add_token_usage(
-                        session,
-                        user_id=conversation.user_id,
-                        day=usage_day(now),
-                        tokens=usage.total_tokens,
-                    )
-                    await self._summarise_if_due(session, conversation)
-            await session.refresh(message)
+                await repository.add_token_usage(
+                    session, user_id=owner_id, day=usage_day(now), tokens=usage.total_tokens
+                )
+                await self._summarise_if_due(session, message.conversation_id, summary_until)
             return StoredAnswer(
-                message=message_json(message),
-                usage=usage,
-                reply_to=message.reply_to,
-                changed=stored,
+                message=message_json(message), usage=usage, reply_to=message.reply_to
             )
 
-    async def _summarise_if_due(self, session: AsyncSession, conversation: Conversation) -> None:
+    @staticmethod
+    async def _already_stored(session: AsyncSession, result: AnswerResult) -> StoredAnswer:
+        message = await repository.get_message(session, result.message_id)
+        if message is None:  # the conversation was deleted meanwhile
+            usage = result.usage or Usage(0, estimate_tokens(result.content), estimated=True)
+            return StoredAnswer(message={}, usage=usage, reply_to=None, changed=False)
+        usage = Usage(
+            prompt_tokens=message.prompt_tokens or 0,
+            completion_tokens=message.completion_tokens or 0,
+            estimated=message.usage_estimated,
+        )
+        return StoredAnswer(
+            message=message_json(message), usage=usage, reply_to=message.reply_to, changed=False
+        )
+
+    async def _summarise_if_due(
+        self, session: AsyncSession, conversation_id: uuid.UUID, summary_until: datetime | None
+    ) -> None:
         """Queue the summary job (after this commit) once the verbatim part passes the budget.
 
-        Memory is best effort: a failure here is logged and never loses the answer.
+        Memory is best effort: a failure to queue it is logged and never loses the answer.
         """
         if not self.memory_token_budget:
             return
+        tokens = await repository.memory_tokens(
+            session, conversation_id=conversation_id, after=summary_until
+        )
+        if tokens <= self.memory_token_budget:
+            return
         try:
             async with session.begin_nested():
-                tokens = await repository.memory_tokens(
-                    session, conversation_id=conversation.id, after=conversation.summary_until
-                )
-                if tokens <= self.memory_token_budget:
-                    return
                 await jobs_service.enqueue(
                     session,
                     self.job_queue,
                     name=SUMMARY_JOB,
-                    args={"conversation_id": str(conversation.id)},
+                    args={"conversation_id": str(conversation_id)},
                 )
         except Exception:
             log.warning(
                 "conversation.summary_not_queued",
-                conversation_id=str(conversation.id),
+                conversation_id=str(conversation_id),
                 exc_info=True,
             )
 
