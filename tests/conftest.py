@@ -21,6 +21,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from helpline.core import migrations
@@ -113,13 +114,22 @@ async def _empty_tables(app: FastAPI) -> None:
     tables = [table.name for table in reversed(metadata.sorted_tables)]
     if not tables:
         return
-    async with engine.begin() as connection:
-        if engine.dialect.name == "postgresql":
-            quoted = ", ".join(f'"{name}"' for name in tables)
-            await connection.execute(text(f"TRUNCATE {quoted} RESTART IDENTITY CASCADE"))
-        else:
-            for name in tables:
-                await connection.execute(text(f'DELETE FROM "{name}"'))
+    for attempt in range(3):
+        try:
+            async with engine.begin() as connection:
+                if engine.dialect.name == "postgresql":
+                    quoted = ", ".join(f'"{name}"' for name in tables)
+                    await connection.execute(text(f"TRUNCATE {quoted} RESTART IDENTITY CASCADE"))
+                else:
+                    for name in tables:
+                        await connection.execute(text(f'DELETE FROM "{name}"'))
+            return
+        except DBAPIError as exc:
+            # Work the app still has in flight (an answer being stored) may hold a row lock
+            # that the truncation deadlocks with: PostgreSQL aborts one side; try again.
+            if "deadlock" not in str(exc) or attempt == 2:
+                raise
+            await asyncio.sleep(0.1)
 
 
 @pytest.fixture
