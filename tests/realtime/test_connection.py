@@ -150,6 +150,22 @@ async def test_hold_and_release_join_the_replay_and_live_frames_without_gap_or_d
     assert [f.type for f in frames].count("message") == 1
 
 
+async def test_a_replay_after_what_was_taken_keeps_the_frames_still_queued() -> None:
+    queue = FrameQueue(64)
+    # Taken up to seq 2 but not yet sent (the client fell behind): a replay after seq 2, as a
+    # resend asks for, must not drop them.
+    queue.put(token(1))
+    queue.put(token(2))
+    queue.hold(str(ANSWER), after_seq=queue.taken_seq(str(ANSWER)))
+    queue.put(token(4))
+    queue.release(str(ANSWER), [token(3), token(4)])
+
+    frames = await take_all(queue)
+
+    assert text_of(frames) == "".join(PIECES[:4])
+    assert [f.seq for f in frames] == sorted({f.seq for f in frames})
+
+
 async def test_release_of_a_replay_that_has_everything_drops_the_held_duplicates() -> None:
     queue = FrameQueue(64)
     queue.hold(str(ANSWER), after_seq=0)

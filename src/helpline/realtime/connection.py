@@ -156,8 +156,13 @@ class FrameQueue:
         self._held[message_id] = []
         self._taken_seq[message_id] = after_seq
         self._seal_tail()
-        # Frames of this answer still queued would repeat what the replay sends.
-        kept = [frame for frame in self._items if frame.message_id != message_id]
+        # Frames of this answer still queued past `after_seq` would repeat what the replay sends;
+        # those up to it are not in the replay and still go out.
+        kept = [
+            frame
+            for frame in self._items
+            if frame.message_id != message_id or (frame.seq or 0) <= after_seq
+        ]
         if len(kept) != len(self._items):
             self._items = deque(kept)
 
