@@ -184,7 +184,17 @@ async def _replay(session: AsyncSession, existing: Message, content: str) -> Sen
 
 
 async def _insert(session: AsyncSession, message: Message) -> bool:
-    """Insert in a savepoint; False when a unique constraint refused it."""
+    """Insert; False when a unique constraint refused it.
+
+    Callers hold the conversation's lock and checked the constraints under it. On PostgreSQL
+    that lock is a row lock, so the insert cannot be refused and needs no savepoint (two round
+    trips before the first token); SQLite's reads take no lock, so a concurrent send can still
+    race it there, and the savepoint turns that into `False`.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.add(message)
+        await session.flush()
+        return True
     try:
         async with session.begin_nested():
             session.add(message)
