@@ -753,7 +753,8 @@ async def test_a_client_that_stops_reading_is_closed_with_4008_and_the_others_ge
     ):
         await stuck.ping()
         await reader.ping()
-        await reader.chat("[[tokens=3000]] " + "z" * 190, "flood-1")
+        # More text than the stuck socket's buffers hold, however few frames it goes out in.
+        await reader.chat("[[tokens=20000]] " + "z" * 190, "flood-1")
         # The stuck client reads nothing until the server has given up on it...
         await eventually(lambda: slow_consumers_closed() > before, interval=0.01)
         # ...then it finds what the server managed to send, and the close frame.
@@ -763,7 +764,7 @@ async def test_a_client_that_stops_reading_is_closed_with_4008_and_the_others_ge
     assert answer.final["type"] == "complete"
     assert answer.text == answer.final["message"]["content"]
     assert answer.seqs == sorted(set(answer.seqs))
-    assert len(answer.text.split()) == 3000
+    assert len(answer.text.split()) == 20000
 
 
 # -- handoff over the socket -------------------------------------------------------------------
