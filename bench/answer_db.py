@@ -1,0 +1,138 @@
+"""The database work of one answer, in-process: sending the question and storing the result.
+
+    python bench/answer_db.py            # PostgreSQL (a fresh database) and SQLite
+
+For each of 300 conversations: `post_message` (the question and the `streaming` answer row,
+committed before the model is called — on the way to the first token) and the engine's
+`store_result` (the final answer, usage, the conversation's activity). The model is not run.
+Prints the wall time of each (p50) and the CPU time per answer, beside a floor: one bare
+`SELECT 1` round trip on the same engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.realtime import helpline_env, postgres_database  # noqa: E402
+
+ANSWERS = 300
+WARM_UP = 50
+
+
+async def measure(database_url: str, data: Path) -> None:
+    env = helpline_env(data, DATABASE_URL=database_url)
+    os.environ.update(env)
+    await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "helpline.cli", "migrate"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    from sqlalchemy import text
+
+    from helpline.agents.chat import ChatAnswerer
+    from helpline.agents.providers.fake import FakeChatModel
+    from helpline.agents.schemas import Usage
+    from helpline.auth.models import User, UserRole
+    from helpline.conversations import service
+    from helpline.core.config import Settings
+    from helpline.core.database import create_engine, create_sessionmaker, unit_of_work
+    from helpline.realtime.backends import create_memory_backends
+    from helpline.realtime.engine import AnswerJob, AnswerResult, GenerationEngine
+
+    settings = Settings()
+    database = create_engine(settings)
+    sessionmaker = create_sessionmaker(database)
+    store = service.ConversationAnswerStore(
+        sessionmaker, queue_when_busy=False, model="fake-1", memory_token_budget=2000
+    )
+    engine = GenerationEngine(
+        backends=create_memory_backends(3600),
+        answerer=ChatAnswerer(FakeChatModel()),
+        store=store,
+        lease_s=15,
+    )
+
+    def no_model(job: AnswerJob) -> None:
+        del job  # the database alone is measured
+
+    engine.launch = no_model  # type: ignore[method-assign]
+    async with unit_of_work(sessionmaker) as session:
+        name = f"bench-{uuid.uuid4().hex[:8]}"
+        user = User(username=name, password_hash="-", role=UserRole.CUSTOMER)
+        session.add(user)
+    conversations = []
+    for _ in range(ANSWERS):
+        async with unit_of_work(sessionmaker) as session:
+            conversation = await service.create_conversation(session, user=user, title=None)
+            conversations.append(conversation.id)
+
+    sends: list[float] = []
+    stores: list[float] = []
+    floor: list[float] = []
+    cpu_started = 0.0
+    for index, conversation_id in enumerate(conversations):
+        if index == WARM_UP:
+            cpu_started = time.process_time()
+        started = time.perf_counter()
+        async with database.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+        sent_at = time.perf_counter()
+        sent = await service.post_message(
+            sessionmaker,
+            engine=engine,
+            queue_when_busy=False,
+            author=user,
+            conversation_id=conversation_id,
+            content="Where is my parcel?",
+            client_message_id=uuid.uuid4().hex,
+        )
+        stored_at = time.perf_counter()
+        assert sent.assistant_message is not None
+        await store.store_result(
+            AnswerResult(
+                job_conversation_id=conversation_id,
+                message_id=sent.assistant_message.id,
+                outcome="complete",
+                content="It is on its way.",
+                last_seq=5,
+                usage=Usage(prompt_tokens=40, completion_tokens=4),
+            )
+        )
+        finished = time.perf_counter()
+        floor.append((sent_at - started) * 1000)
+        sends.append((stored_at - sent_at) * 1000)
+        stores.append((finished - stored_at) * 1000)
+    cpu_ms = (time.process_time() - cpu_started) / (ANSWERS - WARM_UP) * 1000
+    await database.dispose()
+
+    def p50(values: list[float]) -> float:
+        return statistics.median(values[WARM_UP:])
+
+    print(f"{settings.database_url.split(':', 1)[0]}")
+    print(f"  send the question (to the first token)  p50 {p50(sends):7.2f} ms")
+    print(f"  store the answer's result               p50 {p50(stores):7.2f} ms")
+    print(f"  one bare round trip (floor)             p50 {p50(floor):7.2f} ms")
+    print(f"  CPU per answer (all of the above)           {cpu_ms:7.2f} ms")
+
+
+async def main() -> None:
+    async with postgres_database() as database_url:
+        await measure(database_url, Path(tempfile.mkdtemp(prefix="helpline-bench-")))
+    data = Path(tempfile.mkdtemp(prefix="helpline-bench-"))
+    await measure(f"sqlite+aiosqlite:///{data}/bench.db", data)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
