@@ -18,6 +18,7 @@ import anyio
 import structlog
 from fastapi import APIRouter, Header, Query, Request, WebSocket
 from fastapi.responses import StreamingResponse
+from starlette.routing import WebSocketRoute
 
 from helpline.auth.dependencies import CurrentUser, authenticate_websocket
 from helpline.conversations import service as conversations_service
@@ -52,9 +53,13 @@ SSE_HEADERS = {
 _LAST_EVENT_ID = re.compile(r"^([0-9a-fA-F-]{36}):(\d+)$")
 
 
-@router.websocket("/chat/ws/{conversation_id}")
-async def chat_websocket(websocket: WebSocket, conversation_id: str) -> None:
-    """The chat socket of a conversation (frames in `helpline.realtime.websocket`)."""
+async def chat_websocket(websocket: WebSocket) -> None:
+    """The chat socket of a conversation (frames in `helpline.realtime.websocket`).
+
+    A plain Starlette route: it takes no dependencies, and FastAPI's dependency machinery
+    would stay alive (exit stacks and all) for as long as each socket is open.
+    """
+    conversation_id: str = websocket.path_params["conversation_id"]
     app_state = websocket.app.state
     settings = app_state.settings
     origin = websocket.headers.get("origin")
@@ -108,6 +113,9 @@ async def chat_websocket(websocket: WebSocket, conversation_id: str) -> None:
         await connection.run()
     finally:
         registry.discard(connection)
+
+
+router.routes.append(WebSocketRoute("/chat/ws/{conversation_id}", chat_websocket))
 
 
 async def _sse_stream(
