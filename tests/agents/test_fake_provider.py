@@ -72,6 +72,12 @@ async def test_tokens_directive_sets_the_number_of_pieces() -> None:
     assert "[[" not in "".join(texts)
 
 
+async def test_tokens_directive_repeats_the_words_of_a_reply() -> None:
+    texts, _ = await run(FakeChatModel(), '[[reply="alpha beta" tokens=5]]')
+
+    assert texts == ["alpha", " beta", " alpha", " beta", " alpha"]
+
+
 async def test_delay_is_awaited_per_piece() -> None:
     started = time.monotonic()
 

@@ -16,7 +16,7 @@ spaces goes in double quotes, where `\\"` and `\\\\` escape a quote and a backsl
 | directive | meaning |
 |---|---|
 | `reply="text"` | the answer's text (otherwise the fixed sentence) |
-| `tokens=N` | exactly N pieces: the sentence's words, repeated or cut (not with `reply`) |
+| `tokens=N` | exactly N pieces: the words of the reply (or of the sentence), repeated or cut |
 | `delay_ms=N` | wait N ms before each piece (default: the instance's `delay_ms`, 0) |
 | `first_delay_ms=N` | wait N ms before the first piece instead (time to first token) |
 | `fail_after=N` | raise `LLMServiceError` after N pieces (`fail` = `fail_after=0`) |
@@ -180,9 +180,8 @@ class FakeChatModel:
 
     def pieces_for(self, script: Script) -> list[str]:
         """The text pieces this script answers."""
-        if script.reply is not None:
-            return split_pieces(script.reply)
-        pieces = split_pieces(default_answer(script.question))
+        text = default_answer(script.question) if script.reply is None else script.reply
+        pieces = split_pieces(text)
         return pieces if script.tokens is None else _sized(pieces, script.tokens)
 
     @overload
