@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import ColumnElement, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -31,8 +32,23 @@ async def get_conversation(
 async def lock_conversation(
     session: AsyncSession, conversation_id: uuid.UUID
 ) -> Conversation | None:
-    """Load the conversation for an update (row lock on PostgreSQL)."""
-    statement = select(Conversation).where(Conversation.id == conversation_id).with_for_update()
+    """Load the conversation for an update, holding it until the transaction ends.
+
+    PostgreSQL: a row lock (`SELECT … FOR UPDATE`). SQLite locks the whole database for
+    writing, and only from a transaction's first write: a no-op `UPDATE … RETURNING` takes that
+    lock here, so what the caller reads next cannot change before it commits.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        statement: Any = (
+            select(Conversation).where(Conversation.id == conversation_id).with_for_update()
+        )
+    else:
+        statement = (
+            update(Conversation)
+            .where(Conversation.id == conversation_id)
+            .values(updated_at=Conversation.updated_at)
+            .returning(Conversation)
+        )
     result = await session.execute(statement.execution_options(populate_existing=True))
     return result.scalar_one_or_none()
 

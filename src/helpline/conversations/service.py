@@ -15,7 +15,6 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from helpline.agents.memory import SUMMARY_JOB
@@ -183,25 +182,14 @@ async def _replay(session: AsyncSession, existing: Message, content: str) -> Sen
     return SendResult(user_message=existing, assistant_message=reply, created=False)
 
 
-async def _insert(session: AsyncSession, message: Message) -> bool:
-    """Insert; False when a unique constraint refused it.
+async def _insert(session: AsyncSession, message: Message) -> None:
+    """Insert a message; callers hold the conversation's lock (`lock_conversation`).
 
-    Callers hold the conversation's lock and checked the constraints under it. On PostgreSQL
-    that lock is a row lock, so the insert cannot be refused and needs no savepoint (two round
-    trips before the first token); SQLite's reads take no lock, so a concurrent send can still
-    race it there, and the savepoint turns that into `False`.
+    They checked the unique constraints (client message id, one streaming answer) under that
+    lock, so the insert cannot be refused: no savepoint (two round trips before the first token).
     """
-    if session.get_bind().dialect.name == "postgresql":
-        session.add(message)
-        await session.flush()
-        return True
-    try:
-        async with session.begin_nested():
-            session.add(message)
-            await session.flush()
-    except IntegrityError:
-        return False
-    return True
+    session.add(message)
+    await session.flush()
 
 
 async def _begin_answer(
@@ -211,8 +199,8 @@ async def _begin_answer(
     conversation: Conversation,
     question: Message,
     prior: Sequence[Message],
-) -> tuple[Message, AnswerJob] | None:
-    """Create the `streaming` answer row; None when another answer is streaming already."""
+) -> tuple[Message, AnswerJob]:
+    """Create the `streaming` answer row (the caller checked, under the lock, that none is)."""
     if conversation.summary_until is not None:
         # Folded into the running summary, which the answer gets instead.
         until = conversation.summary_until
@@ -236,8 +224,7 @@ async def _begin_answer(
         created_at=question.created_at + timedelta(microseconds=1),
         updated_at=question.created_at + timedelta(microseconds=1),
     )
-    if not await _insert(session, answer):
-        return None
+    await _insert(session, answer)
     job = AnswerJob(
         conversation_id=conversation.id,
         user_id=conversation.user_id,
@@ -318,31 +305,18 @@ async def send_message(
         created_at=now,
         updated_at=now,
     )
-    if not await _insert(session, question):
-        # The same client id raced us in another request: that one won.
-        assert client_message_id is not None
-        existing = await repository.get_by_client_id(
-            session, conversation_id=conversation.id, client_message_id=client_message_id
-        )
-        if existing is None:
-            raise InvalidTransition("The message could not be stored")
-        return await _replay(session, existing, content)
+    await _insert(session, question)
 
     answer: Message | None = None
     job: AnswerJob | None = None
     if ai_answers:
-        begun = await _begin_answer(
+        answer, job = await _begin_answer(
             session,
             model=engine.answerer.model,
             conversation=conversation,
             question=question,
             prior=prior,
         )
-        if begun is None:
-            if not queue_when_busy:
-                raise GenerationInProgress()
-        else:
-            answer, job = begun
     queued = (
         role == MessageRole.USER and conversation.status == ConversationStatus.OPEN and job is None
     )
@@ -843,6 +817,8 @@ class ConversationAnswerStore:
             conversation = await repository.lock_conversation(session, conversation_id)
             if conversation is None or conversation.status != ConversationStatus.OPEN:
                 return None
+            if await repository.get_streaming_answer(session, conversation_id) is not None:
+                return None  # its end starts the next one
             waiting = await repository.unanswered_questions(session, conversation_id)
             if not waiting:
                 return None
@@ -857,10 +833,10 @@ class ConversationAnswerStore:
                 )
                 if message.created_at < question.created_at
             ][-HISTORY_MESSAGES:]
-            begun = await _begin_answer(
+            _, job = await _begin_answer(
                 session, model=self.model, conversation=conversation, question=question, prior=prior
             )
-            return None if begun is None else begun[1]
+            return job
 
     async def streaming_answers(self, older_than_s: float) -> list[tuple[uuid.UUID, uuid.UUID]]:
         async with unit_of_work(self.sessionmaker) as session:
