@@ -297,25 +297,32 @@ async def test_the_control_bus_reaches_the_other_instance(
     assert on_two == [cancel, revoke]
 
 
-async def test_local_subscribers_get_frames_while_redis_is_unreachable(
-    redis_only_settings: Settings,
-) -> None:
+@pytest.fixture
+async def unreachable_backends(redis_only_settings: Settings) -> AsyncIterator[Backends]:
+    """Redis backends whose Redis never answers."""
     unreachable: Redis = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
     backends = create_redis_backends(unreachable, redis_only_settings)
     await backends.start()
     try:
-        conversation_id, message_id = uuid.uuid4(), uuid.uuid4()
-        received: list[Frame] = []
-        backends.broker.subscribe(conversation_id, received.append)
-        frame = token_frame(conversation_id, message_id, "q1", 1, "Hello")
-        await backends.event_log.append(message_id, frame)  # best effort: no error
-        await backends.broker.publish(frame)
-        await backends.broker.publish(message_frame(conversation_id, {"id": "m"}))
-        assert [f.type for f in received] == ["token", "message"]
-        assert not await backends.broker.healthy()
+        yield backends
     finally:
         await backends.close()
         await unreachable.aclose()
+
+
+async def test_local_subscribers_get_frames_while_redis_is_unreachable(
+    unreachable_backends: Backends,
+) -> None:
+    backends = unreachable_backends
+    conversation_id, message_id = uuid.uuid4(), uuid.uuid4()
+    received: list[Frame] = []
+    backends.broker.subscribe(conversation_id, received.append)
+    frame = token_frame(conversation_id, message_id, "q1", 1, "Hello")
+    await backends.event_log.append(message_id, frame)  # best effort: no error
+    await backends.broker.publish(frame)
+    await backends.broker.publish(message_frame(conversation_id, {"id": "m"}))
+    assert [f.type for f in received] == ["token", "message"]
+    assert not await backends.broker.healthy()
 
 
 # -- an answer's events --------------------------------------------------------------------------
@@ -349,19 +356,13 @@ async def test_an_answer_event_is_logged_then_published_to_every_instance(
 
 
 async def test_an_answer_event_reaches_local_subscribers_while_redis_is_unreachable(
-    redis_only_settings: Settings,
+    unreachable_backends: Backends,
 ) -> None:
-    unreachable: Redis = Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
-    backends = create_redis_backends(unreachable, redis_only_settings)
-    await backends.start()
-    try:
-        conversation_id, message_id = uuid.uuid4(), uuid.uuid4()
-        received: list[Frame] = []
-        backends.broker.subscribe(conversation_id, received.append)
-        for seq in (1, 2):
-            frame = token_frame(conversation_id, message_id, "q1", seq, "Hello")
-            await backends.log_and_publish(message_id, frame)  # best effort: no error
-        assert [f.seq for f in received] == [1, 2]
-    finally:
-        await backends.close()
-        await unreachable.aclose()
+    backends = unreachable_backends
+    conversation_id, message_id = uuid.uuid4(), uuid.uuid4()
+    received: list[Frame] = []
+    backends.broker.subscribe(conversation_id, received.append)
+    for seq in (1, 2):
+        frame = token_frame(conversation_id, message_id, "q1", seq, "Hello")
+        await backends.log_and_publish(message_id, frame)  # best effort: no error
+    assert [f.seq for f in received] == [1, 2]
