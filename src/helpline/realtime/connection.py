@@ -1,9 +1,10 @@
 """A client's bounded queue of frames: fan-out never waits on a client.
 
 The broker calls `FrameQueue.put` synchronously for every subscriber; one writer task per client
-drains the queue at the client's own pace. While a client keeps up, it gets a frame per token;
-when its queue backs up, pending `token` pieces of the same answer are merged into one frame (the
-`seq` of the last piece), so the text never has a gap and a slow client costs less, not more.
+drains the queue at the client's own pace. While a client keeps up, it gets a frame per event;
+when its queue backs up, pending `token` events of the same answer are merged into one frame
+(the `seq` of the last one, up to `MAX_MERGED_CHARS` of text), so the text never has a gap and
+a slow client costs less, not more.
 A client whose queue still fills up (or whose socket stops taking data) is a slow consumer: the
 caller closes it (`4008`), and it may reconnect and resume.
 

@@ -1,11 +1,14 @@
 """The generation engine: answers run as server-side tasks that belong to the conversation.
 
 An answer is launched once its user message and its `streaming` assistant row are committed.
-Its task holds a lease on the answer (renewed while it runs), numbers every text piece with
-`seq` (1, 2, …), appends each event to the answer's event log and publishes it to every
-subscriber of the conversation, on every instance. When the answer ends — complete, cancelled,
-failed, or cut by shutdown — the result is stored first and the final event published after, so a
-client that sees it can read the stored message.
+Its task holds a lease on the answer (renewed while it runs) and takes the answerer's text
+pieces; a publisher task of the answer's own turns them into `token` events numbered by `seq`
+(1, 2, …), appends each to the answer's event log and publishes it to every subscriber of the
+conversation, on every instance. A piece per event while the process keeps up; pieces that come
+while an event is on its way, or while the process is behind (`helpline.realtime.pressure`),
+are joined into one event, so publishing never slows the answer. When the answer ends —
+complete, cancelled, failed, or cut by shutdown — the result is stored first and the final event
+published after, so a client that sees it can read the stored message.
 
 Consequences: a client that leaves does not stop the answer; a client that comes back replays the
 log after the last `seq` it saw; cancel reaches the task wherever it runs (control bus); an
