@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from helpline.agents.chat import ChatAnswerer
 from helpline.agents.providers.fake import FakeChatModel
-from helpline.agents.schemas import AnswerEvent, AnswerRequest
+from helpline.agents.schemas import AnswerEvent, AnswerRequest, Usage
 from helpline.agents.tokens import estimate_tokens
 from helpline.auth.models import User
 from helpline.conversations import service
@@ -25,7 +25,7 @@ from helpline.core.database import create_engine, create_sessionmaker, unit_of_w
 from helpline.core.errors import ShuttingDown
 from helpline.kit.models import utcnow
 from helpline.realtime.backends import create_memory_backends
-from helpline.realtime.engine import GenerationEngine, lease_key
+from helpline.realtime.engine import AnswerResult, GenerationEngine, lease_key
 from helpline.realtime.frames import Frame, token_frame
 from helpline.realtime.pressure import LoopLagMonitor
 from tests.conftest import _empty_tables_for
@@ -474,3 +474,67 @@ async def test_held_pieces_go_out_when_the_model_pauses(rig: Rig, customer: User
     final = await rig.answer_ended(sent.answer_id)
     assert final.type == "cancelled"
     assert final.data["message"]["content"] == "a b c"
+
+
+# -- storing results ---------------------------------------------------------------------------
+
+
+async def test_an_answer_stored_as_final_is_not_stored_again(rig: Rig, customer: User) -> None:
+    conversation_id = await rig.conversation(customer)
+    sent = await rig.send(customer, conversation_id, "[[hang]] q")
+    assert sent.answer_id is not None
+    answer_id = sent.answer_id
+    store = rig.engine.store
+
+    # E.g. another instance judged it orphaned and stored it failed...
+    first = await store.store_result(
+        AnswerResult(
+            job_conversation_id=conversation_id,
+            message_id=answer_id,
+            outcome="failed",
+            content="",
+            last_seq=1,
+            usage=None,
+            error_code="SERVICE_UNAVAILABLE",
+        )
+    )
+    assert first.changed
+    assert first.message["status"] == "failed"
+    # ...then a late result for it changes nothing, and says what is stored.
+    late = await store.store_result(
+        AnswerResult(
+            job_conversation_id=conversation_id,
+            message_id=answer_id,
+            outcome="complete",
+            content="late text",
+            last_seq=3,
+            usage=Usage(prompt_tokens=10, completion_tokens=2),
+        )
+    )
+    assert not late.changed
+    assert late.message["status"] == "failed"
+    assert late.message["content"] == ""
+
+    # The engine's own end of that answer (cancelled here) does not overwrite it either.
+    await rig.engine.request_cancel(answer_id)
+    await eventually(lambda: answer_id not in rig.engine.running)
+    stored = await rig.message(answer_id)
+    assert stored.status == MessageStatus.FAILED
+    assert stored.content == ""
+
+
+async def test_the_result_of_an_answer_that_is_gone_is_not_stored(rig: Rig) -> None:
+    stored = await rig.engine.store.store_result(
+        AnswerResult(
+            job_conversation_id=uuid.uuid4(),
+            message_id=uuid.uuid4(),
+            outcome="complete",
+            content="a b",
+            last_seq=3,
+            usage=None,
+        )
+    )
+
+    assert not stored.changed
+    assert stored.message == {}
+    assert stored.usage.completion_tokens == estimate_tokens("a b")
