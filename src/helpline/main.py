@@ -5,12 +5,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
+from starlette.routing import WebSocketRoute
+from starlette.types import Receive, Scope, Send
 
 from helpline.agents.factory import create_answerer, create_chat_model
 from helpline.agents.health import check_llm
@@ -34,7 +37,11 @@ from helpline.core.errors import (
 )
 from helpline.core.limiter import RateLimiter, RateLimitMiddleware, create_storage
 from helpline.core.logging import configure_logging
-from helpline.core.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from helpline.core.middleware import (
+    BodySizeLimitMiddleware,
+    DirectWebSocketRoutes,
+    RequestContextMiddleware,
+)
 from helpline.core.redis import create_redis
 from helpline.jobs.queues import create_queue
 from helpline.jobs.registry import JobRuntime
@@ -172,7 +179,25 @@ async def _handle_database_error(_: Request, exc: Exception) -> JSONResponse:
     raise exc
 
 
-def include_routers(app: FastAPI) -> None:
+class Helpline(FastAPI):
+    """The app: FastAPI, with its WebSocket routes served ahead of the HTTP middleware.
+
+    Ahead of the whole stack (tracing's included, which must stay outermost in it): a socket's
+    spans are those of the answers it asks for.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.websocket_routes: list[WebSocketRoute] = []
+        self._serve = DirectWebSocketRoutes(super().__call__, self.websocket_routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            scope["app"] = self
+        await self._serve(scope, receive, send)
+
+
+def include_routers(app: Helpline) -> None:
     from helpline.auth.router import admin_router as auth_admin_router
     from helpline.auth.router import router as auth_router
     from helpline.conversations.router import router as conversations_router
@@ -182,12 +207,14 @@ def include_routers(app: FastAPI) -> None:
     from helpline.openai_compat.exceptions import add_openai_fields
     from helpline.openai_compat.router import router as openai_router
     from helpline.realtime.router import router as realtime_router
+    from helpline.realtime.router import websocket_routes
 
     app.include_router(health_router)
     app.include_router(auth_router)
     app.include_router(auth_admin_router)
     app.include_router(conversations_router)
     app.include_router(realtime_router)
+    app.websocket_routes.extend(websocket_routes)
     app.include_router(openai_router)
     register_error_decorator("/v1/", add_openai_fields)
     app.include_router(knowledge_router)
@@ -200,7 +227,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_format)
     docs = not settings.is_production
-    app = FastAPI(
+    app = Helpline(
         title=settings.app_name,
         version="0.1.0",
         summary="Self-hostable customer-support AI backend",

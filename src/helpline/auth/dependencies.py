@@ -22,6 +22,7 @@ from starlette.requests import HTTPConnection
 from helpline.auth import service as auth_service
 from helpline.auth.exceptions import InactiveUser
 from helpline.auth.models import User, UserRole
+from helpline.auth.principal import Principal
 from helpline.auth.security import TokenCodec, is_api_key
 from helpline.auth.service import Authentication, AuthEnvironment, ClientInfo
 from helpline.core.database import DbSession, unit_of_work
@@ -116,7 +117,7 @@ AdminUser = Annotated[User, Depends(get_admin_user)]
 
 @dataclass(frozen=True, slots=True)
 class WebSocketIdentity:
-    user: User
+    user: Principal
     login_id: uuid.UUID | None  # None for an API key
     expires_at: datetime | None  # when the access token expires; None for an API key
 
@@ -145,7 +146,9 @@ async def authenticate_websocket(websocket: WebSocket) -> WebSocketIdentity:
         auth = await auth_service.authenticate(session, env=env, token=token)
     if not auth.user.is_active:
         raise InactiveUser()
-    return WebSocketIdentity(user=auth.user, login_id=auth.login_id, expires_at=auth.expires_at)
+    return WebSocketIdentity(
+        user=Principal.of(auth.user), login_id=auth.login_id, expires_at=auth.expires_at
+    )
 
 
 def rate_limit_key(connection: HTTPConnection) -> str:

@@ -22,6 +22,7 @@ from helpline.agents.schemas import ChatMessage, Usage
 from helpline.agents.tokens import estimate_prompt_tokens, estimate_tokens
 from helpline.auth import service as auth_service
 from helpline.auth.models import User, UserRole
+from helpline.auth.principal import Actor
 from helpline.conversations import repository
 from helpline.conversations.exceptions import (
     ConversationForbidden,
@@ -58,7 +59,7 @@ HANDOFF_REASON_MAX_LENGTH = 500
 SILENT_STATUSES = frozenset({ConversationStatus.WAITING_FOR_AGENT, ConversationStatus.WITH_AGENT})
 
 
-def is_staff(user: User) -> bool:
+def is_staff(user: Actor) -> bool:
     return user.role in (UserRole.AGENT, UserRole.ADMIN)
 
 
@@ -84,7 +85,7 @@ async def create_conversation(
 
 
 async def get_conversation(
-    session: AsyncSession, *, user: User, conversation_id: uuid.UUID, lock: bool = False
+    session: AsyncSession, *, user: Actor, conversation_id: uuid.UUID, lock: bool = False
 ) -> Conversation:
     """The conversation if `user` may see it: its owner, or any agent or admin.
 
@@ -243,7 +244,7 @@ async def send_message(
     *,
     engine: GenerationEngine,
     queue_when_busy: bool,
-    author: User,
+    author: Actor,
     conversation: Conversation,
     content: str,
     client_message_id: str | None,
@@ -347,7 +348,7 @@ async def post_message(
     *,
     engine: GenerationEngine,
     queue_when_busy: bool,
-    author: User,
+    author: Actor,
     conversation_id: uuid.UUID,
     content: str,
     client_message_id: str | None,
@@ -672,7 +673,7 @@ def usage_day(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d")
 
 
-async def check_token_budget(session: AsyncSession, *, user: User, budget: int) -> None:
+async def check_token_budget(session: AsyncSession, *, user: Actor, budget: int) -> None:
     """`429 TOKEN_BUDGET_EXCEEDED` once today's answers used `budget` tokens (0: no budget)."""
     if budget <= 0:
         return

@@ -29,6 +29,7 @@ from helpline.conversations.schemas import MessageCreate
 from helpline.core import metrics
 from helpline.core.database import DbSession, release, unit_of_work
 from helpline.core.errors import AppError, BadRequest, Forbidden, NotFound, error_responses
+from helpline.core.middleware import request_id_header
 from helpline.realtime import service as realtime_service
 from helpline.realtime.connection import (
     CLOSE_FORBIDDEN,
@@ -56,8 +57,8 @@ _LAST_EVENT_ID = re.compile(r"^([0-9a-fA-F-]{36}):(\d+)$")
 async def chat_websocket(websocket: WebSocket) -> None:
     """The chat socket of a conversation (frames in `helpline.realtime.websocket`).
 
-    A plain Starlette route: it takes no dependencies, and FastAPI's dependency machinery
-    would stay alive (exit stacks and all) for as long as each socket is open.
+    A plain Starlette route, served ahead of the HTTP middleware (`DirectWebSocketRoutes`):
+    whatever wraps it stays alive, frame by frame, for as long as each socket is open.
     """
     conversation_id: str = websocket.path_params["conversation_id"]
     app_state = websocket.app.state
@@ -66,7 +67,7 @@ async def chat_websocket(websocket: WebSocket) -> None:
     if settings.cors_origins and origin and origin not in settings.cors_origins:
         await websocket.close(code=1008)  # before accepting: the handshake is refused with 403
         return
-    await websocket.accept()
+    await websocket.accept(headers=request_id_header(websocket.scope))
     try:
         identity = await authenticate_websocket(websocket)
     except AppError:
@@ -115,7 +116,8 @@ async def chat_websocket(websocket: WebSocket) -> None:
         registry.discard(connection)
 
 
-router.routes.append(WebSocketRoute("/chat/ws/{conversation_id}", chat_websocket))
+# Served by `DirectWebSocketRoutes`, ahead of the HTTP middleware.
+websocket_routes = (WebSocketRoute("/chat/ws/{conversation_id}", chat_websocket),)
 
 
 async def _sse_stream(

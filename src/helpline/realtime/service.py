@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from helpline.auth.models import User
+from helpline.auth.principal import Actor
 from helpline.auth.revocation import RevocationNotice, Revocations
 from helpline.conversations import service as conversations_service
 from helpline.conversations.exceptions import TokenBudgetExceeded
@@ -32,7 +32,7 @@ from helpline.realtime.frames import Frame
 if TYPE_CHECKING:
     from helpline.realtime.websocket import ChatConnection, ConnectionRegistry
 
-ModelCallGuard = Callable[[User], Awaitable[None]]
+ModelCallGuard = Callable[[Actor], Awaitable[None]]
 
 # A follower keeps up with one answer; the bound only guards against a client that stalls.
 FOLLOWER_QUEUE_FRAMES = 10_000
@@ -183,7 +183,7 @@ def model_call_guard(
     One rate limit per user across all of them (`RATE_LIMIT_LLM`), then the daily token budget.
     """
 
-    async def guard(user: User) -> None:
+    async def guard(user: Actor) -> None:
         try:
             await limiter.enforce(settings.rate_limit_llm, "llm", str(user.id))
             if settings.token_budget_daily > 0:

@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from helpline.auth.dependencies import WebSocketIdentity
-from helpline.auth.models import User
+from helpline.auth.principal import Actor
 from helpline.conversations import service as conversations_service
 from helpline.conversations.models import Conversation
 from helpline.conversations.schemas import ClientMessageId, MessageContent
@@ -146,7 +146,7 @@ class ChatConnection:
         sessionmaker: async_sessionmaker[AsyncSession],
         settings: Settings,
         frame_limiter: FrameRateLimiter,
-        before_chat: Callable[[User], Awaitable[None]] | None = None,
+        before_chat: Callable[[Actor], Awaitable[None]] | None = None,
     ) -> None:
         self.websocket = websocket
         self.identity = identity
