@@ -16,7 +16,7 @@ that replayed and live frames join without a gap or a duplicate.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections.abc import Callable
 
 from helpline.realtime.frames import Frame, merge_pieces
 
@@ -43,10 +43,21 @@ MAX_MERGED_CHARS = 16 * 1024
 
 
 class FrameQueue:
-    def __init__(self, max_frames: int, max_pending_bytes: int = 4 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        max_frames: int,
+        max_pending_bytes: int = 4 * 1024 * 1024,
+        *,
+        on_ready: Callable[[], None] | None = None,
+    ) -> None:
         self.max_frames = max_frames
         self.max_pending_bytes = max_pending_bytes
-        self._items: deque[Frame] = deque()
+        # Called when a frame (or an overflow) is there and nobody waits in `get`: a socket
+        # starts its writer then, so an idle socket has no writer task at all.
+        self.on_ready = on_ready
+        # A list, not a deque: an empty deque costs 600 bytes per idle socket, and a queue
+        # holds a few frames (pending pieces are merged into the last one).
+        self._items: list[Frame] = []
         self._pending_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
@@ -124,21 +135,31 @@ class FrameQueue:
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(None)
+        elif self.on_ready is not None:
+            self.on_ready()
+
+    def take(self) -> Frame | None:
+        """The next frame, None when there is none; raises `SlowConsumer` after an overflow."""
+        if self.overflowed:
+            raise SlowConsumer
+        if not self._items:
+            return None
+        if len(self._items) == 1:
+            self._seal_tail()
+        frame = self._items.pop(0)
+        self._pending_bytes -= len(frame.data.get("content") or "") + 64
+        if not self._items:
+            self._pending_bytes = 0
+        return frame
 
     async def get(self) -> Frame:
         """The next frame; raises `SlowConsumer` after an overflow, `QueueClosed` once closed."""
         while True:
-            if self.overflowed:
-                raise SlowConsumer
-            if self._items:
-                if len(self._items) == 1:
-                    self._seal_tail()
-                frame = self._items.popleft()
-                self._pending_bytes -= len(frame.data.get("content") or "") + 64
-                if not self._items:
-                    self._pending_bytes = 0
+            frame = self.take()
+            if frame is not None:
                 return frame
             if self._closed:
                 raise QueueClosed
@@ -165,7 +186,7 @@ class FrameQueue:
             if frame.message_id != message_id or (frame.seq or 0) <= after_seq
         ]
         if len(kept) != len(self._items):
-            self._items = deque(kept)
+            self._items = kept
 
     def release(self, message_id: str, replayed: list[Frame]) -> None:
         """Queue the replayed frames, then the live ones that arrived meanwhile, in `seq` order."""

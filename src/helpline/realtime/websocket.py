@@ -58,6 +58,7 @@ from helpline.realtime.frames import Frame, dumps, error_data, message_frame, ty
 log = structlog.get_logger(__name__)
 
 LAG_SAMPLE_EVERY = 16
+EXPIRY_SWEEP_S = 1.0
 CLOSE_ALL_WAIT_S = 5.0
 CLOSE_FRAME_WAIT_S = 5.0
 # While the process is behind (`helpline.realtime.pressure`), a socket lets an answer's pieces
@@ -105,16 +106,39 @@ class FrameRateLimiter:
 
 
 class ConnectionRegistry:
-    """The chat sockets of this process, to close them by user, login or all at once."""
+    """The chat sockets of this process, to close them by user, login or all at once.
+
+    It also closes sockets whose access token has expired: one sweep a second over the open
+    sockets costs less than a timer per socket.
+    """
 
     def __init__(self) -> None:
         self.connections: set[ChatConnection] = set()
+        self._sweep: asyncio.TimerHandle | None = None
+        self._emptied: asyncio.Future[None] | None = None
 
     def add(self, connection: ChatConnection) -> None:
         self.connections.add(connection)
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(EXPIRY_SWEEP_S, self._close_expired)
 
     def discard(self, connection: ChatConnection) -> None:
         self.connections.discard(connection)
+        if not self.connections:
+            if self._sweep is not None:
+                self._sweep.cancel()
+                self._sweep = None
+            if self._emptied is not None and not self._emptied.done():
+                self._emptied.set_result(None)
+
+    def _close_expired(self) -> None:
+        now = time.time()
+        self.close_matching(
+            lambda c: c.expires_at is not None and c.expires_at <= now,
+            CLOSE_UNAUTHORIZED,
+            "Token expired",
+        )
+        self._sweep = asyncio.get_running_loop().call_later(EXPIRY_SWEEP_S, self._close_expired)
 
     def close_matching(
         self, predicate: Callable[[ChatConnection], bool], code: int, reason: str
@@ -125,17 +149,24 @@ class ConnectionRegistry:
         return len(matched)
 
     async def close_all(self, code: int, reason: str) -> None:
-        connections = list(self.connections)
-        for connection in connections:
+        """Close every socket after the frames queued for it; wait (bounded) until all are."""
+        for connection in list(self.connections):
             connection.request_close(code, reason, send_queued=True)
-        waits = [c.finished.wait() for c in connections]
-        if waits:
+        if self.connections:
+            self._emptied = asyncio.get_running_loop().create_future()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CLOSE_ALL_WAIT_S):
-                    await asyncio.gather(*waits)
+                    await self._emptied
 
 
 class ChatConnection:
+    """One chat socket.
+
+    The socket's own task (the endpoint's) reads the client's frames; a writer task sends the
+    queued frames at the client's pace. The writer exists while there is something to send
+    (and for the rest of an answer it is streaming), so an idle socket holds no task of its own.
+    """
+
     def __init__(
         self,
         websocket: WebSocket,
@@ -149,8 +180,9 @@ class ChatConnection:
         before_chat: Callable[[Actor], Awaitable[None]] | None = None,
     ) -> None:
         self.websocket = websocket
-        self.identity = identity
         self.user = identity.user
+        self.login_id = identity.login_id
+        self.expires_at = None if identity.expires_at is None else identity.expires_at.timestamp()
         self.conversation_id = conversation.id
         self.owner_id = conversation.user_id
         self.engine = engine
@@ -159,32 +191,29 @@ class ChatConnection:
         self.frame_limiter = frame_limiter
         self.before_chat = before_chat
         self.id = uuid.uuid4().hex
-        self.queue = FrameQueue(settings.ws_send_queue_size)
-        self.finished = asyncio.Event()
+        self.queue = FrameQueue(settings.ws_send_queue_size, on_ready=self._start_writer)
         self._close: tuple[int, str] | None = None
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._reader: asyncio.Task[Any] | None = None  # the endpoint's task, while it reads
+        self._writer: asyncio.Task[None] | None = None
         self._sent = 0
         self._send_queued_first = False
 
-    @property
-    def login_id(self) -> uuid.UUID | None:
-        return self.identity.login_id
-
     def request_close(self, code: int, reason: str, *, send_queued: bool = False) -> None:
-        """Close the socket soon (from any task): stops both loops and sends the close frame.
+        """Close the socket soon (from any task): stops reading and writing, sends the close.
 
         With `send_queued`, the frames already queued (e.g. an answer's final frame, at
         shutdown) are sent first, within the send timeout.
         """
-        if self._close is None:
+        first = self._close is None
+        if first:
             self._close = (code, reason)
-        if send_queued and self._tasks:
+        if send_queued:
             self._send_queued_first = True
             self.queue.close()  # the writer sends what is queued, then stops
-            self._tasks[0].cancel()  # the reader
-            return
-        for task in self._tasks:
-            task.cancel()
+        elif self._writer is not None:
+            self._writer.cancel()
+        if first and self._reader is not None:
+            self._reader.cancel()
 
     def close_slow_consumer(self) -> None:
         """The client stopped taking data: close it with `4008` (it may resume later)."""
@@ -204,33 +233,32 @@ class ChatConnection:
         self.queue.put(Frame(data=data, conversation_id=self.conversation_id))
 
     async def run(self) -> None:
+        """Serve the socket until the client leaves or `request_close`; then close it."""
         metrics.WEBSOCKET_CONNECTIONS.inc()
         unsubscribe = self.engine.subscribe(self.conversation_id, self._on_frame)
-        expiry: asyncio.TimerHandle | None = None
-        if self.identity.expires_at is not None:
-            delay = self.identity.expires_at.timestamp() - time.time()
-            expiry = asyncio.get_running_loop().call_later(
-                max(0.0, delay), self.request_close, CLOSE_UNAUTHORIZED, "Token expired"
-            )
-        self._tasks = [
-            asyncio.create_task(self._read_loop(), name=f"ws-read-{self.id}"),
-            asyncio.create_task(self._write_loop(), name=f"ws-write-{self.id}"),
-        ]
+        task = asyncio.current_task()
         try:
-            await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
-            if self._send_queued_first:
-                await asyncio.wait(self._tasks[1:], timeout=self.settings.ws_send_timeout_s)
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._close is None:
+                self._reader = task
+                try:
+                    await self._read_loop()
+                except asyncio.CancelledError:
+                    if self._close is None or task is None:
+                        raise  # not ours: the server is cancelling the endpoint
+                    task.uncancel()
+                finally:
+                    self._reader = None
+            writer = self._writer
+            if writer is not None:
+                if self._send_queued_first:
+                    await asyncio.wait([writer], timeout=self.settings.ws_send_timeout_s)
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
         finally:
-            if expiry is not None:
-                expiry.cancel()
             unsubscribe()
             self.queue.close()
             metrics.WEBSOCKET_CONNECTIONS.dec()
             await self._send_close()
-            self.finished.set()
 
     async def _send_close(self) -> None:
         if self._close is None or self.websocket.application_state != WebSocketState.CONNECTED:
@@ -242,23 +270,38 @@ class ChatConnection:
             async with asyncio.timeout(max(self.settings.ws_send_timeout_s, CLOSE_FRAME_WAIT_S)):
                 await self.websocket.close(code=code, reason=reason)
 
-    async def _write_loop(self) -> None:
+    def _start_writer(self) -> None:
+        if self._writer is None and not (self._close is not None and not self._send_queued_first):
+            self._writer = asyncio.create_task(self._write_queued(), name=f"ws-write-{self.id}")
+
+    async def _write_queued(self) -> None:
+        """Send the queued frames; end once the queue is empty and no answer is mid-stream."""
         websocket = self.websocket
         queue = self.queue
         timeout = self.settings.ws_send_timeout_s
         loop_lag = self.engine.loop_lag
+        streaming = False
         try:
             while True:
-                frame = await queue.get()
+                frame = queue.take()
+                if frame is None:
+                    if not streaming or queue.closed:
+                        return
+                    # The answer's next pieces are coming: wait here rather than end and
+                    # start a task again for each of them.
+                    frame = await queue.get()
                 async with asyncio.timeout(timeout):
                     await websocket.send_text(frame.encoded())
                 self._count_sent(frame)
-                if frame.type == "token" and loop_lag.behind:
+                streaming = frame.type == "token"
+                if streaming and loop_lag.behind:
                     await asyncio.sleep(COALESCE_FRAMES_S)
         except (SlowConsumer, TimeoutError):
             self.close_slow_consumer()
         except (QueueClosed, WebSocketDisconnect, RuntimeError):
             return
+        finally:
+            self._writer = None
 
     def _count_sent(self, frame: Frame) -> None:
         self._sent += 1
