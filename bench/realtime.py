@@ -5,9 +5,9 @@
 
 Each server runs in its own process pinned to CPU 0, the load generator to CPU 1 (on a machine
 with 2 cores). Helpline runs `helpline serve` with the `fake` provider and `AGENT_ENABLED=false`
-(the engine's figures; the support agent gets rows of its own), on PostgreSQL for the streaming
-scenarios, on a fresh SQLite file for memory and one time-to-first-token row, and on PostgreSQL
-+ Redis for the cluster. Figures are printed with the baseline and the ratio. Tokens are
+(the engine's figures; the support agent gets rows of its own): on PostgreSQL for the streaming
+scenarios, also on a fresh SQLite file for memory and one time-to-first-token row, and on
+PostgreSQL + Redis for the cluster. Figures are printed with the baseline and the ratio. Tokens are
 counted in the text received (each fake piece is one word), since a frame may carry several.
 
 - unpaced: 100 sockets, each its own answer of 2,000 tokens as fast as the generator goes;
@@ -16,7 +16,8 @@ counted in the text received (each fake piece is one word), since a frame may ca
   delay (arrival minus the time the generator produced it at its pace).
 - ttft: time from the request to the first token on an open socket (Helpline also commits the
   user message and the answer row first); added over the bare server.
-- memory: server RSS per idle socket with 5,000 open, without and with permessage-deflate.
+- memory: server RSS per idle socket with 5,000 open, without and with permessage-deflate, on
+  the embedded SQLite default and on PostgreSQL.
 - slow: 10 sockets on one conversation, one never reads; the other nine's completion time
   beside a run where all ten read, and how the stuck one ends.
 - cluster: two instances on PostgreSQL + Redis (each conversation watched from both) beside one
@@ -491,23 +492,33 @@ async def run(scenarios: list[str]) -> None:
         async with postgres_database() as database_url:
             await streaming_scenarios(scenarios, data, database_url)
     if "memory" in scenarios:
-        for deflate in (False, True):
-            label = "with permessage-deflate" if deflate else "without deflate"
-            with bare_server() as bare:
-                bare_kib = await idle_memory(bare, Target(bare.port), 5000, deflate)
-            memory_data = Path(tempfile.mkdtemp(prefix="helpline-bench-"))
-            with helpline_server(helpline_env(memory_data)) as ours:
-                token, conversations = await make_conversations(ours.port, 50)
-                ours_kib = await idle_memory(
-                    ours, Target(ours.port, token, conversations), 5000, deflate
-                )
-            print(f"memory per idle socket, 5,000 open, {label} (target ratio <= 1.3)")
-            row("KiB per socket", ours_kib, bare_kib, "KiB", "lower")
+        await memory()
     if "cluster" in scenarios:
         await cluster()
     if "ratelimit" in scenarios:
         print("rate limiting")
         await rate_limit_cost()
+
+
+async def memory() -> None:
+    """RSS per idle socket, on the embedded SQLite default and on PostgreSQL."""
+    for deflate in (False, True):
+        label = "with permessage-deflate" if deflate else "without deflate"
+        with bare_server() as bare:
+            bare_kib = await idle_memory(bare, Target(bare.port), 5000, deflate)
+        print(f"memory per idle socket, 5,000 open, {label} (target ratio <= 1.3)")
+        sqlite_data = Path(tempfile.mkdtemp(prefix="helpline-bench-"))
+        async with postgres_database() as database_url:
+            for name, env in (
+                ("SQLite (embedded default)", helpline_env(sqlite_data)),
+                ("PostgreSQL", helpline_env(sqlite_data, DATABASE_URL=database_url)),
+            ):
+                with helpline_server(env) as ours:
+                    token, conversations = await make_conversations(ours.port, 50)
+                    ours_kib = await idle_memory(
+                        ours, Target(ours.port, token, conversations), 5000, deflate
+                    )
+                row(f"KiB per socket, {name}", ours_kib, bare_kib, "KiB", "lower")
 
 
 @contextlib.asynccontextmanager

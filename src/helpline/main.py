@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,8 +13,9 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
-from starlette.routing import WebSocketRoute
+from starlette.routing import Match, WebSocketRoute
 from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from helpline.agents.factory import create_answerer, create_chat_model
 from helpline.agents.health import check_llm
@@ -36,11 +38,11 @@ from helpline.core.errors import (
     register_exception_handlers,
 )
 from helpline.core.limiter import RateLimiter, RateLimitMiddleware, create_storage
-from helpline.core.logging import configure_logging
+from helpline.core.logging import configure_logging, redact_url
 from helpline.core.middleware import (
     BodySizeLimitMiddleware,
-    DirectWebSocketRoutes,
     RequestContextMiddleware,
+    incoming_request_id,
 )
 from helpline.core.redis import create_redis
 from helpline.jobs.queues import create_queue
@@ -180,21 +182,47 @@ async def _handle_database_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 class Helpline(FastAPI):
-    """The app: FastAPI, with its WebSocket routes served ahead of the HTTP middleware.
+    """The app: FastAPI, with its WebSocket routes served ahead of the middleware stack.
 
-    Ahead of the whole stack (tracing's included, which must stay outermost in it): a socket's
-    spans are those of the answers it asks for.
+    The HTTP middleware (metrics, rate limits, body size, exception handlers, tracing,
+    FastAPI's own layers) passes WebSocket scopes on, but each layer's suspended frame lives as
+    long as the socket does (measured: over a quarter of an idle chat socket's memory) and each
+    wraps every frame sent. These routes get what applies to a socket: the request id (log
+    context, and `scope["state"]` for the endpoint to echo on its accept) and a logged traceback
+    for an exception the endpoint did not handle. A socket's spans are those of its answers.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.websocket_routes: list[WebSocketRoute] = []
-        self._serve = DirectWebSocketRoutes(super().__call__, self.websocket_routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            scope["app"] = self
-        await self._serve(scope, receive, send)
+        route = self._websocket_route(scope) if scope["type"] == "websocket" else None
+        if route is None:
+            await super().__call__(scope, receive, send)
+            return
+        # Inline rather than in helpers: each frame here lives as long as the socket.
+        scope["app"] = self
+        request_id = incoming_request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        websocket = WebSocket(scope, receive, send)
+        try:
+            await route.endpoint(websocket)
+        except Exception:
+            log.exception("request.unhandled_error", path=redact_url(scope.get("path", "")))
+            with contextlib.suppress(Exception):
+                await websocket.close(code=1011)  # "internal error" (refused, if not accepted)
+        finally:
+            structlog.contextvars.unbind_contextvars("request_id")
+
+    def _websocket_route(self, scope: Scope) -> WebSocketRoute | None:
+        for route in self.websocket_routes:
+            match, child_scope = route.matches(scope)
+            if match is Match.FULL:
+                scope.update(child_scope)
+                return route
+        return None
 
 
 def include_routers(app: Helpline) -> None:

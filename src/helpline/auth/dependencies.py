@@ -17,6 +17,7 @@ from fastapi import Depends, Request, WebSocket
 from fastapi.security import OAuth2PasswordBearer
 from fastapi.security.utils import get_authorization_scheme_param
 from starlette.applications import Starlette
+from starlette.datastructures import Headers, QueryParams
 from starlette.requests import HTTPConnection
 
 from helpline.auth import service as auth_service
@@ -124,10 +125,12 @@ class WebSocketIdentity:
 
 def websocket_token(websocket: WebSocket) -> str | None:
     """The credential of a handshake: `?token=` first, then `Authorization: Bearer`."""
-    token = websocket.query_params.get("token")
+    # Parsed without caching them on `websocket`, which lives as long as the socket.
+    token = QueryParams(websocket.scope.get("query_string", b"")).get("token")
     if token:
         return token
-    scheme, credentials = get_authorization_scheme_param(websocket.headers.get("authorization"))
+    authorization = Headers(scope=websocket.scope).get("authorization")
+    scheme, credentials = get_authorization_scheme_param(authorization)
     if scheme.lower() == "bearer" and credentials:
         return credentials
     return None

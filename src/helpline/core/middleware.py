@@ -5,24 +5,20 @@
   `500 INTERNAL_ERROR` (logged with its traceback; nothing internal reaches the client).
 - `BodySizeLimitMiddleware`: `413 PAYLOAD_TOO_LARGE` for bodies over the limit, whether announced
   by `Content-Length` or streamed.
-- `DirectWebSocketRoutes`: serves WebSocket routes ahead of the HTTP middleware stack.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import orjson
 import structlog
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from starlette.websockets import WebSocket
 
 from helpline.core.errors import error_payload, request_path
 from helpline.core.logging import redact_url
@@ -33,7 +29,7 @@ REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
-def _incoming_request_id(scope: Scope) -> str:
+def incoming_request_id(scope: Scope) -> str:
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id":
             candidate: str = value.decode("latin-1")
@@ -66,7 +62,7 @@ class RequestContextMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        request_id = _incoming_request_id(scope)
+        request_id = incoming_request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
         structlog.contextvars.bind_contextvars(request_id=request_id)
         path_token = request_path.set(scope.get("path", ""))
@@ -180,48 +176,7 @@ class BodySizeLimitMiddleware:
         )
 
 
-class DirectWebSocketRoutes:
-    """Serves `routes` ahead of the middleware stack; every other scope goes through it.
-
-    The HTTP middleware (metrics, rate limits, body size, exception handlers, FastAPI's own
-    layers) passes WebSocket scopes on, but each layer's suspended frame lives as long as the
-    socket does (measured: over a quarter of an idle chat socket's memory) and each wraps every
-    frame sent. These routes get what applies to a socket: the request id, in the log context
-    and as `scope["state"]["request_id"]` (the endpoint echoes it on the accept), and a logged
-    traceback for an exception the endpoint did not handle.
-    """
-
-    def __init__(self, app: ASGIApp, routes: Sequence[WebSocketRoute]) -> None:
-        self.app = app
-        self.routes = routes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            for route in self.routes:
-                match, child_scope = route.matches(scope)
-                if match is Match.FULL:
-                    scope.update(child_scope)
-                    await self._serve(route, scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
-
-    @staticmethod
-    async def _serve(route: WebSocketRoute, scope: Scope, receive: Receive, send: Send) -> None:
-        request_id = _incoming_request_id(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
-        structlog.contextvars.bind_contextvars(request_id=request_id)
-        websocket = WebSocket(scope, receive, send)
-        try:
-            await route.endpoint(websocket)
-        except Exception:
-            log.exception("request.unhandled_error", path=redact_url(scope.get("path", "")))
-            with contextlib.suppress(Exception):
-                await websocket.close(code=1011)  # "internal error" (refused, if not accepted)
-        finally:
-            structlog.contextvars.unbind_contextvars("request_id")
-
-
 def request_id_header(scope: Scope) -> list[tuple[bytes, bytes]]:
-    """The `X-Request-ID` header for a WebSocket accept served by `DirectWebSocketRoutes`."""
+    """The `X-Request-ID` header for the accept of a WebSocket served ahead of the middleware."""
     request_id: str | None = scope.get("state", {}).get("request_id")
     return [] if request_id is None else [(REQUEST_ID_HEADER.encode(), request_id.encode())]

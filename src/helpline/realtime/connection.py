@@ -43,6 +43,22 @@ MAX_MERGED_CHARS = 16 * 1024
 
 
 class FrameQueue:
+    __slots__ = (
+        "max_frames",
+        "max_pending_bytes",
+        "on_ready",
+        "_items",
+        "_pending_bytes",
+        "_waiter",
+        "_closed",
+        "overflowed",
+        "_tail_pieces",
+        "_tail_seq",
+        "_tail_chars",
+        "_taken_seq",
+        "_held",
+    )
+
     def __init__(
         self,
         max_frames: int,

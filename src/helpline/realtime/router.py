@@ -18,6 +18,7 @@ import anyio
 import structlog
 from fastapi import APIRouter, Header, Query, Request, WebSocket
 from fastapi.responses import StreamingResponse
+from starlette.datastructures import Headers
 from starlette.routing import WebSocketRoute
 
 from helpline.auth.dependencies import CurrentUser, authenticate_websocket
@@ -57,48 +58,65 @@ _LAST_EVENT_ID = re.compile(r"^([0-9a-fA-F-]{36}):(\d+)$")
 async def chat_websocket(websocket: WebSocket) -> None:
     """The chat socket of a conversation (frames in `helpline.realtime.websocket`).
 
-    A plain Starlette route, served ahead of the HTTP middleware (`DirectWebSocketRoutes`):
+    A plain Starlette route, served ahead of the middleware stack (`helpline.main.Helpline`):
     whatever wraps it stays alive, frame by frame, for as long as each socket is open.
     """
-    conversation_id: str = websocket.path_params["conversation_id"]
+    connection = await _open_chat(websocket)
+    if connection is None:
+        return
+    registry = websocket.app.state.ws_connections
+    registry.add(connection)
+    try:
+        await connection.run()
+    finally:
+        registry.discard(connection)
+
+
+async def _open_chat(websocket: WebSocket) -> ChatConnection | None:
+    """Accept and authenticate the socket, find its conversation; None once it is closed.
+
+    A function of its own so that what the handshake loaded (ORM rows, a session) is not kept
+    alive by the endpoint's frame for as long as the socket is open.
+    """
     app_state = websocket.app.state
     settings = app_state.settings
-    origin = websocket.headers.get("origin")
+    # Headers read without caching them on `websocket`, which lives as long as the socket.
+    origin = Headers(scope=websocket.scope).get("origin")
     if settings.cors_origins and origin and origin not in settings.cors_origins:
         await websocket.close(code=1008)  # before accepting: the handshake is refused with 403
-        return
+        return None
     await websocket.accept(headers=request_id_header(websocket.scope))
     try:
         identity = await authenticate_websocket(websocket)
     except AppError:
         await websocket.close(code=CLOSE_UNAUTHORIZED, reason="Unauthorized")
-        return
+        return None
     except Exception:
         # The database is unreachable or overloaded: the client may retry.
         log.warning("ws.handshake_failed", exc_info=True)
         await websocket.close(code=CLOSE_TRY_AGAIN_LATER, reason="Try again later")
-        return
+        return None
     try:
-        conversation_uuid = uuid.UUID(conversation_id)
+        conversation_id = uuid.UUID(websocket.path_params["conversation_id"])
     except ValueError:
         await websocket.close(code=CLOSE_NOT_FOUND, reason="Conversation not found")
-        return
+        return None
     try:
         async with unit_of_work(app_state.sessionmaker) as session:
             conversation = await conversations_service.get_conversation(
-                session, user=identity.user, conversation_id=conversation_uuid
+                session, user=identity.user, conversation_id=conversation_id
             )
     except Forbidden:
         await websocket.close(code=CLOSE_FORBIDDEN, reason="Forbidden")
-        return
+        return None
     except NotFound:
         await websocket.close(code=CLOSE_NOT_FOUND, reason="Conversation not found")
-        return
+        return None
     except Exception:
         log.warning("ws.handshake_failed", exc_info=True)
         await websocket.close(code=CLOSE_TRY_AGAIN_LATER, reason="Try again later")
-        return
-    connection = ChatConnection(
+        return None
+    return ChatConnection(
         websocket,
         identity=identity,
         conversation=conversation,
@@ -108,15 +126,9 @@ async def chat_websocket(websocket: WebSocket) -> None:
         frame_limiter=app_state.ws_frame_limiter,
         before_chat=app_state.before_model_call,
     )
-    registry = app_state.ws_connections
-    registry.add(connection)
-    try:
-        await connection.run()
-    finally:
-        registry.discard(connection)
 
 
-# Served by `DirectWebSocketRoutes`, ahead of the HTTP middleware.
+# Served by `helpline.main.Helpline` ahead of the middleware stack.
 websocket_routes = (WebSocketRoute("/chat/ws/{conversation_id}", chat_websocket),)
 
 

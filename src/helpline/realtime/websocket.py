@@ -33,6 +33,7 @@ from limits.aio.strategies import MovingWindowRateLimiter
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from helpline.auth.dependencies import WebSocketIdentity
@@ -167,6 +168,27 @@ class ChatConnection:
     (and for the rest of an answer it is streaming), so an idle socket holds no task of its own.
     """
 
+    __slots__ = (
+        "websocket",
+        "user",
+        "login_id",
+        "expires_at",
+        "conversation_id",
+        "owner_id",
+        "engine",
+        "sessionmaker",
+        "settings",
+        "frame_limiter",
+        "before_chat",
+        "id",
+        "queue",
+        "_close",
+        "_reader",
+        "_writer",
+        "_sent",
+        "_send_queued_first",
+    )
+
     def __init__(
         self,
         websocket: WebSocket,
@@ -241,7 +263,12 @@ class ChatConnection:
             if self._close is None:
                 self._reader = task
                 try:
-                    await self._read_loop()
+                    # Read here, not in a method of its own: an idle socket waits in this frame.
+                    while True:
+                        message = await self.websocket.receive()
+                        if message["type"] == "websocket.disconnect":
+                            break
+                        await self._take(message)
                 except asyncio.CancelledError:
                     if self._close is None or task is None:
                         raise  # not ours: the server is cancelling the endpoint
@@ -314,32 +341,28 @@ class ChatConnection:
         if kind != "token" or self._sent % LAG_SAMPLE_EVERY == 0:
             metrics.EVENT_DELIVERY_LAG.observe(max(0.0, time.time() - frame.created_at))
 
-    async def _read_loop(self) -> None:
-        websocket = self.websocket
+    async def _take(self, message: Message) -> None:
+        """Check and handle one client frame."""
+        text = message.get("text")
+        if text is None:
+            self._send_own(error_data("BAD_REQUEST", "Frames must be JSON text"))
+            return
+        metrics.WEBSOCKET_FRAMES.labels(direction="in", type="any").inc()
         max_bytes = self.settings.ws_max_frame_bytes
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            text = message.get("text")
-            if text is None:
-                self._send_own(error_data("BAD_REQUEST", "Frames must be JSON text"))
-                continue
-            metrics.WEBSOCKET_FRAMES.labels(direction="in", type="any").inc()
-            if len(text) > max_bytes or len(text.encode()) > max_bytes:
-                self._send_own(
-                    error_data("PAYLOAD_TOO_LARGE", f"Frames are limited to {max_bytes} bytes")
+        if len(text) > max_bytes or len(text.encode()) > max_bytes:
+            self._send_own(
+                error_data("PAYLOAD_TOO_LARGE", f"Frames are limited to {max_bytes} bytes")
+            )
+            return
+        if not await self.frame_limiter.allow(self.id):
+            self._send_own(
+                error_data(
+                    "RATE_LIMITED",
+                    f"Too many frames (limit {self.settings.ws_rate_limit}); slow down",
                 )
-                continue
-            if not await self.frame_limiter.allow(self.id):
-                self._send_own(
-                    error_data(
-                        "RATE_LIMITED",
-                        f"Too many frames (limit {self.settings.ws_rate_limit}); slow down",
-                    )
-                )
-                continue
-            await self._handle(text)
+            )
+            return
+        await self._handle(text)
 
     async def _handle(self, text: str) -> None:
         reply_to: str | None = None
