@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, func, select, update
+from sqlalchemy import ColumnElement, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -30,25 +31,25 @@ async def get_conversation(
 
 
 async def lock_conversation(
-    session: AsyncSession, conversation_id: uuid.UUID
+    session: AsyncSession, conversation_id: uuid.UUID, *, touch: datetime | None = None
 ) -> Conversation | None:
     """Load the conversation for an update, holding it until the transaction ends.
 
     PostgreSQL: a row lock (`SELECT … FOR UPDATE`). SQLite locks the whole database for
     writing, and only from a transaction's first write: a no-op `UPDATE … RETURNING` takes that
-    lock here, so what the caller reads next cannot change before it commits.
+    lock here, so what the caller reads next cannot change before it commits. With `touch`,
+    both set `updated_at` to it instead (`UPDATE … RETURNING`, which locks the row as well):
+    one round trip rather than a lock now and an update at the flush.
     """
-    if session.get_bind().dialect.name == "postgresql":
+    if touch is not None or session.get_bind().dialect.name != "postgresql":
         statement: Any = (
-            select(Conversation).where(Conversation.id == conversation_id).with_for_update()
-        )
-    else:
-        statement = (
             update(Conversation)
             .where(Conversation.id == conversation_id)
-            .values(updated_at=Conversation.updated_at)
+            .values(updated_at=Conversation.updated_at if touch is None else touch)
             .returning(Conversation)
         )
+    else:
+        statement = select(Conversation).where(Conversation.id == conversation_id).with_for_update()
     result = await session.execute(statement.execution_options(populate_existing=True))
     return result.scalar_one_or_none()
 
@@ -132,16 +133,6 @@ async def get_message(session: AsyncSession, message_id: uuid.UUID) -> Message |
     return await session.get(Message, message_id)
 
 
-async def get_by_client_id(
-    session: AsyncSession, *, conversation_id: uuid.UUID, client_message_id: str
-) -> Message | None:
-    statement = select(Message).where(
-        Message.conversation_id == conversation_id,
-        Message.client_message_id == client_message_id,
-    )
-    return (await session.scalars(statement)).one_or_none()
-
-
 async def get_reply(session: AsyncSession, user_message_id: uuid.UUID) -> Message | None:
     statement = (
         select(Message)
@@ -150,6 +141,63 @@ async def get_reply(session: AsyncSession, user_message_id: uuid.UUID) -> Messag
         .limit(1)
     )
     return (await session.scalars(statement)).one_or_none()
+
+
+@dataclass(frozen=True, slots=True)
+class SendContext:
+    """What a send must know of its conversation, read under its lock in one query."""
+
+    recent: Sequence[Message]  # the last messages, oldest first
+    streaming_answer: Message | None
+    same_client_id: Message | None  # an earlier send with this `client_message_id`
+
+
+async def send_context(
+    session: AsyncSession,
+    *,
+    conversation_id: uuid.UUID,
+    client_message_id: str | None,
+    recent_limit: int,
+) -> SendContext:
+    """The last `recent_limit` messages, the streaming answer and the earlier send by
+    `client_message_id`, in one round trip (each is also looked up on its own index)."""
+    in_conversation = Message.conversation_id == conversation_id
+    recent_ids = (
+        select(Message.id)
+        .where(in_conversation)
+        .order_by(Message.created_at.desc(), Message.id.desc())
+        .limit(recent_limit)
+    )
+    wanted: list[ColumnElement[bool]] = [
+        Message.id.in_(recent_ids.scalar_subquery()),
+        (Message.role == MessageRole.ASSISTANT) & (Message.status == MessageStatus.STREAMING),
+    ]
+    if client_message_id is not None:
+        wanted.append(Message.client_message_id == client_message_id)
+    statement = (
+        select(Message)
+        .where(in_conversation, or_(*wanted))
+        .order_by(Message.created_at.desc(), Message.id.desc())
+    )
+    rows = list((await session.scalars(statement)).all())
+    streaming = next(
+        (
+            m
+            for m in rows
+            if m.role == MessageRole.ASSISTANT and m.status == MessageStatus.STREAMING
+        ),
+        None,
+    )
+    same_client_id = (
+        None
+        if client_message_id is None
+        else next((m for m in rows if m.client_message_id == client_message_id), None)
+    )
+    # Newest first: the recent ones lead; older rows here are the streaming answer or the
+    # earlier send, which are not part of the history unless they are recent.
+    recent = rows[:recent_limit]
+    recent.reverse()
+    return SendContext(recent=recent, streaming_answer=streaming, same_client_id=same_client_id)
 
 
 async def get_streaming_answer(session: AsyncSession, conversation_id: uuid.UUID) -> Message | None:

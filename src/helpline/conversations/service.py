@@ -85,14 +85,20 @@ async def create_conversation(
 
 
 async def get_conversation(
-    session: AsyncSession, *, user: Actor, conversation_id: uuid.UUID, lock: bool = False
+    session: AsyncSession,
+    *,
+    user: Actor,
+    conversation_id: uuid.UUID,
+    lock: bool = False,
+    touch: datetime | None = None,
 ) -> Conversation:
     """The conversation if `user` may see it: its owner, or any agent or admin.
 
-    With `lock`, it is loaded for an update (row lock on PostgreSQL).
+    With `lock`, it is loaded for an update (row lock on PostgreSQL); with `touch` too, its
+    `updated_at` is set to that moment in the same statement.
     """
     if lock:
-        conversation = await repository.lock_conversation(session, conversation_id)
+        conversation = await repository.lock_conversation(session, conversation_id, touch=touch)
     else:
         conversation = await repository.get_conversation(session, conversation_id)
     if conversation is None:
@@ -248,24 +254,30 @@ async def send_message(
     conversation: Conversation,
     content: str,
     client_message_id: str | None,
-    locked: bool = False,
+    locked_at: datetime | None = None,
 ) -> SendResult:
     """Store a message; a customer's message in an `open` conversation starts an AI answer.
 
     Idempotent by `client_message_id`. A second send while an answer streams is refused
     (`GENERATION_IN_PROGRESS`) or, with `queue_when_busy`, stored and answered afterwards.
-    `locked`: the caller loaded `conversation` for an update already.
+    `locked_at`: the caller loaded `conversation` for an update already, setting its
+    `updated_at` to this moment (`get_conversation(lock=True, touch=…)`).
     """
-    if not locked:
-        conversation = await repository.lock_conversation(session, conversation.id) or conversation
-    if client_message_id is not None:
-        # Looked up under the lock: the same send may have committed while we waited for it,
-        # and is replayed rather than refused as a second send (GENERATION_IN_PROGRESS).
-        existing = await repository.get_by_client_id(
-            session, conversation_id=conversation.id, client_message_id=client_message_id
+    now = locked_at or utcnow()
+    if locked_at is None:
+        conversation = (
+            await repository.lock_conversation(session, conversation.id, touch=now) or conversation
         )
-        if existing is not None:
-            return await _replay(session, existing, content)
+    # Read under the lock: the same send may have committed while we waited for it, and is
+    # replayed rather than refused as a second send (GENERATION_IN_PROGRESS).
+    context = await repository.send_context(
+        session,
+        conversation_id=conversation.id,
+        client_message_id=client_message_id,
+        recent_limit=HISTORY_MESSAGES,
+    )
+    if context.same_client_id is not None:
+        return await _replay(session, context.same_client_id, content)
     previous_status = conversation.status
     if author.id == conversation.user_id:
         role = MessageRole.USER
@@ -282,19 +294,12 @@ async def send_message(
 
     if ai_answers:
         engine.ensure_accepting()
-        if await repository.get_streaming_answer(session, conversation.id) is not None:
+        if context.streaming_answer is not None:
             if not queue_when_busy:
                 raise GenerationInProgress()
             ai_answers = False
 
-    prior = (
-        await repository.recent_messages(
-            session, conversation_id=conversation.id, limit=HISTORY_MESSAGES
-        )
-        if ai_answers
-        else ()
-    )
-    now = utcnow()
+    prior = context.recent if ai_answers else ()
     question = Message(
         conversation_id=conversation.id,
         role=role,
@@ -321,7 +326,6 @@ async def send_message(
     queued = (
         role == MessageRole.USER and conversation.status == ConversationStatus.OPEN and job is None
     )
-    conversation.updated_at = now
     await session.flush()
 
     frames = [message_frame(conversation.id, message_json(question))]
@@ -359,8 +363,9 @@ async def post_message(
     the commit and must not hold a request's session while they do.
     """
     async with unit_of_work(sessionmaker) as session:
+        now = utcnow()
         conversation = await get_conversation(
-            session, user=author, conversation_id=conversation_id, lock=True
+            session, user=author, conversation_id=conversation_id, lock=True, touch=now
         )
         return await send_message(
             session,
@@ -370,7 +375,7 @@ async def post_message(
             conversation=conversation,
             content=content,
             client_message_id=client_message_id,
-            locked=True,
+            locked_at=now,
         )
 
 
