@@ -195,7 +195,45 @@ async def test_a_socket_is_closed_with_4001_when_its_token_expires(
     assert code == 4001
 
 
+async def test_the_handshake_echoes_the_request_id(
+    live_server: LiveServer, http: httpx.AsyncClient, person: PartyFactory
+) -> None:
+    alice = await person()
+    conversation_id = await new_conversation(http, alice)
+    headers = {"X-Request-ID": "support-widget-42"}
+    async with open_socket(
+        live_server.ws_url, conversation_id, alice.token, additional_headers=headers
+    ) as socket:
+        response = socket.connection.response
+        assert response is not None
+        assert response.headers["X-Request-ID"] == "support-widget-42"
+        await socket.ping()
+
+
 # -- chatting ----------------------------------------------------------------------------------
+
+
+async def test_a_socket_keeps_a_writer_task_only_while_it_has_frames_to_send(
+    live_server: LiveServer, http: httpx.AsyncClient, person: PartyFactory, live_app: FastAPI
+) -> None:
+    alice = await person()
+    conversation_id = await new_conversation(http, alice)
+    registry = live_app.state.ws_connections
+    async with open_socket(live_server.ws_url, conversation_id, alice.token) as socket:
+        await eventually(lambda: len(registry.connections) == 1)
+        (connection,) = registry.connections
+        assert not connection.writing  # an idle socket: no task of its own
+        await socket.chat("[[tokens=20 delay_ms=20]] Where is my parcel?", "msg-1")
+        await socket.recv_type("message")
+        first = await socket.recv_type("token")
+        assert connection.writing  # mid-answer, between pieces
+        answer = await socket.answer(already=[first])
+        assert answer.final is not None
+        assert answer.final["type"] == "complete"
+        assert answer.text == answer.final["message"]["content"]
+        await eventually(lambda: not connection.writing)
+        await socket.ping()  # the next frame starts a writer again
+        await eventually(lambda: not connection.writing)
 
 
 async def test_chat_streams_the_message_then_numbered_tokens_then_complete(

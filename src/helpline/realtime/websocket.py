@@ -1,4 +1,4 @@
-"""One chat WebSocket: a task reading the client's frames and one writing the server's.
+"""One chat WebSocket: its own task reading the client's frames, a writer task sending the server's.
 
 Client → server frames (JSON text):
 
@@ -219,6 +219,11 @@ class ChatConnection:
         self._writer: asyncio.Task[None] | None = None
         self._sent = 0
         self._send_queued_first = False
+
+    @property
+    def writing(self) -> bool:
+        """Whether the socket has a writer task now (it has none while idle)."""
+        return self._writer is not None
 
     def request_close(self, code: int, reason: str, *, send_queued: bool = False) -> None:
         """Close the socket soon (from any task): stops reading and writing, sends the close.
