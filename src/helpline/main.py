@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
@@ -52,7 +53,7 @@ from helpline.realtime.backends import create_backends
 from helpline.realtime.connection import CLOSE_GOING_AWAY
 from helpline.realtime.engine import GenerationEngine
 from helpline.realtime.service import close_revoked_sockets, model_call_guard
-from helpline.realtime.websocket import ConnectionRegistry, FrameRateLimiter
+from helpline.realtime.websocket import ConnectionRegistry, FrameRateLimiter, handshake_slots
 
 log = structlog.get_logger(__name__)
 
@@ -160,6 +161,7 @@ async def _start_generation(app: FastAPI, settings: Settings) -> None:
     registry = ConnectionRegistry()
     app.state.ws_connections = registry
     app.state.ws_frame_limiter = FrameRateLimiter(settings.ws_rate_limit)
+    app.state.ws_handshakes = asyncio.Semaphore(handshake_slots(settings))
     app.state.before_model_call = model_call_guard(
         app.state.limiter, settings, app.state.sessionmaker
     )

@@ -32,7 +32,8 @@ async def test_a_blocked_loop_is_behind_until_it_catches_up() -> None:
         asyncio.get_running_loop().call_soon(hog_the_loop)
         await eventually(lambda: monitor.behind, within=1.0, interval=0.001)
         assert monitor.lag_s >= 0.03
-        await eventually(lambda: not monitor.behind, within=1.0)
+        # A busy machine may hold the loop back now and then: give it time to see a prompt wake.
+        await eventually(lambda: not monitor.behind, within=10.0)
     finally:
         await monitor.stop()
     assert monitor.lag_s == 0.0

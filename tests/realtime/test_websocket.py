@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -208,6 +210,29 @@ async def test_the_handshake_echoes_the_request_id(
         assert response is not None
         assert response.headers["X-Request-ID"] == "support-widget-42"
         await socket.ping()
+
+
+@with_settings(database_pool_size=2)  # one handshake at a time does its database work
+async def test_sockets_connecting_at_once_all_get_in_past_the_handshake_slots(
+    live_server: LiveServer, http: httpx.AsyncClient, person: PartyFactory
+) -> None:
+    alice = await person()
+    conversation_id = await new_conversation(http, alice)
+    async with contextlib.AsyncExitStack() as stack:
+        sockets = await asyncio.gather(
+            *(
+                stack.enter_async_context(
+                    open_socket(live_server.ws_url, conversation_id, alice.token)
+                )
+                for _ in range(20)
+            )
+        )
+        await asyncio.gather(*(socket.ping() for socket in sockets))
+        await sockets[0].chat("[[tokens=3]] Hello?", "msg-1")
+        for socket in sockets:
+            stored = await socket.recv_type("message")
+            assert stored["message"]["client_message_id"] == "msg-1"
+            assert (await socket.answer()).final is not None
 
 
 # -- chatting ----------------------------------------------------------------------------------

@@ -86,6 +86,14 @@ async def _open_chat(websocket: WebSocket) -> ChatConnection | None:
         await websocket.close(code=1008)  # before accepting: the handshake is refused with 403
         return None
     await websocket.accept(headers=request_id_header(websocket.scope))
+    async with app_state.ws_handshakes:
+        return await _find_chat(websocket)
+
+
+async def _find_chat(websocket: WebSocket) -> ChatConnection | None:
+    """The database part of `_open_chat`: who connects, and to which conversation."""
+    app_state = websocket.app.state
+    settings = app_state.settings
     try:
         identity = await authenticate_websocket(websocket)
     except AppError:
