@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 
 from helpline.core.config import Settings
 from helpline.main import create_app
@@ -57,9 +58,16 @@ class LiveServer:
     @classmethod
     @contextmanager
     def start(cls, settings: Settings, ws: str = "wsproto") -> Iterator[LiveServer]:
+        with cls.serve(create_app(settings), ws=ws) as live:
+            yield live
+
+    @classmethod
+    @contextmanager
+    def serve(cls, app: FastAPI, ws: str = "wsproto") -> Iterator[LiveServer]:
+        """Serve an app built by the test (its lifespan runs in the server)."""
         port = free_port()
         config = uvicorn.Config(
-            create_app(settings),
+            app,
             host="127.0.0.1",
             port=port,
             ws=ws,  # type: ignore[arg-type]

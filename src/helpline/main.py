@@ -186,12 +186,13 @@ async def _handle_database_error(_: Request, exc: Exception) -> JSONResponse:
 class Helpline(FastAPI):
     """The app: FastAPI, with its WebSocket routes served ahead of the middleware stack.
 
-    The HTTP middleware (metrics, rate limits, body size, exception handlers, tracing,
-    FastAPI's own layers) passes WebSocket scopes on, but each layer's suspended frame lives as
-    long as the socket does (measured: over a quarter of an idle chat socket's memory) and each
-    wraps every frame sent. These routes get what applies to a socket: the request id (log
-    context, and `scope["state"]` for the endpoint to echo on its accept) and a logged traceback
-    for an exception the endpoint did not handle. A socket's spans are those of its answers.
+    The HTTP middleware (metrics, rate limits, body size, exception handlers, FastAPI's own
+    layers) passes WebSocket scopes on, but each layer's suspended frame lives as long as the
+    socket does (measured: over a quarter of an idle chat socket's memory) and each wraps every
+    frame sent. These routes get what applies to a socket: the request id (log context, and
+    `scope["state"]` for the endpoint to echo on its accept) and a logged traceback for an
+    exception the endpoint did not handle. With tracing on, sockets take the whole stack, whose
+    outermost layer opens their session span.
     """
 
     def __init__(self, **kwargs: Any) -> None:
@@ -199,7 +200,8 @@ class Helpline(FastAPI):
         self.websocket_routes: list[WebSocketRoute] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = self._websocket_route(scope) if scope["type"] == "websocket" else None
+        direct = scope["type"] == "websocket" and not telemetry.tracing_enabled(self)
+        route = self._websocket_route(scope) if direct else None
         if route is None:
             await super().__call__(scope, receive, send)
             return
@@ -245,6 +247,7 @@ def include_routers(app: Helpline) -> None:
     app.include_router(conversations_router)
     app.include_router(realtime_router)
     app.websocket_routes.extend(websocket_routes)
+    app.router.routes.extend(websocket_routes)  # the way in through the middleware stack
     app.include_router(openai_router)
     register_error_decorator("/v1/", add_openai_fields)
     app.include_router(knowledge_router)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -20,12 +21,14 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from sqlalchemy import text
+from websockets.asyncio.client import connect as websocket_connect
 
 from helpline.core import metrics, telemetry
 from helpline.core.config import Settings
 from helpline.core.database import DbSession
 from helpline.main import create_app
-from tests.servers import free_port
+from tests.realtime.helpers import eventually
+from tests.servers import LiveServer, free_port
 
 PROBE_TEMPLATE = "/trace-probes/{item_id}"
 
@@ -414,3 +417,38 @@ async def test_spans_are_exported_over_otlp_when_an_endpoint_is_set(settings: Se
                 names.update(span.name for span in scope_spans.spans)
         assert b"hush" not in body
     assert f"GET {PROBE_TEMPLATE}" in names
+
+
+async def test_a_chat_socket_has_a_session_span_over_its_handshake(settings: Settings) -> None:
+    exporter = InMemorySpanExporter()
+    app = create_app(settings)
+    assert telemetry.setup_tracing(app, settings, exporter=exporter)
+    with LiveServer.serve(app) as live:
+        async with httpx.AsyncClient(base_url=live.http_url, timeout=10) as http:
+            login = {"username": "tracy", "password": "correct-horse-battery"}
+            assert (await http.post("/auth/register", json=login)).status_code == 201
+            token = (await http.post("/auth/token", data=login)).json()["access_token"]
+            headers = {"Authorization": f"Bearer {token}"}
+            conversation = (await http.post("/conversations", json={}, headers=headers)).json()
+        url = f"{live.ws_url}/chat/ws/{conversation['id']}?token={token}"
+        async with websocket_connect(url, additional_headers={"X-Request-ID": "trace-me"}) as ws:
+            assert ws.response is not None
+            assert ws.response.headers.get_all("X-Request-ID") == ["trace-me"]
+            await ws.send(json.dumps({"type": "ping"}))
+            assert json.loads(await ws.recv()) == {"type": "pong"}
+
+        def session_span() -> ReadableSpan | None:
+            for span in exporter.get_finished_spans():
+                route = (span.attributes or {}).get("http.route")
+                if span.kind == SpanKind.SERVER and route == "/chat/ws/{conversation_id}":
+                    return span
+            return None
+
+        session = await eventually(session_span)
+    spans = list(exporter.get_finished_spans())
+    handshake_sql = [
+        span
+        for span in spans
+        if span.kind == SpanKind.CLIENT and session.context.span_id in ancestors(span, spans)
+    ]
+    assert handshake_sql, [span.name for span in spans]

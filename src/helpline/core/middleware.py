@@ -78,7 +78,8 @@ class RequestContextMiddleware:
                 MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
             elif message["type"] == "websocket.accept":
                 headers = list(message.get("headers", []))
-                headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                if all(name.lower() != REQUEST_ID_HEADER.encode() for name, _ in headers):
+                    headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
                 message["headers"] = headers
             await send(message)
 
@@ -177,6 +178,6 @@ class BodySizeLimitMiddleware:
 
 
 def request_id_header(scope: Scope) -> list[tuple[bytes, bytes]]:
-    """The `X-Request-ID` header for the accept of a WebSocket served ahead of the middleware."""
+    """The `X-Request-ID` header for a WebSocket's accept (the request id of its scope)."""
     request_id: str | None = scope.get("state", {}).get("request_id")
     return [] if request_id is None else [(REQUEST_ID_HEADER.encode(), request_id.encode())]

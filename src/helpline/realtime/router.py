@@ -136,7 +136,7 @@ async def _find_chat(websocket: WebSocket) -> ChatConnection | None:
     )
 
 
-# Served by `helpline.main.Helpline` ahead of the middleware stack.
+# Served by `helpline.main.Helpline` ahead of the middleware stack (unless tracing is on).
 websocket_routes = (WebSocketRoute("/chat/ws/{conversation_id}", chat_websocket),)
 
 
