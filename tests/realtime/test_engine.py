@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
 
 from helpline.agents.chat import ChatAnswerer
 from helpline.agents.providers.fake import FakeChatModel
@@ -521,6 +521,49 @@ async def test_an_answer_stored_as_final_is_not_stored_again(rig: Rig, customer:
     stored = await rig.message(answer_id)
     assert stored.status == MessageStatus.FAILED
     assert stored.content == ""
+
+
+async def test_a_result_waits_its_turn_again_when_the_pool_is_exhausted(
+    rig: Rig, customer: User, settings: Settings
+) -> None:
+    conversation_id = await rig.conversation(customer)
+    sent = await rig.send(customer, conversation_id, "[[hang]] q")
+    assert sent.answer_id is not None
+    # One connection, taken by someone else for longer than the pool's timeout.
+    tight = create_async_engine(
+        settings.database_url, pool_size=1, max_overflow=0, pool_timeout=0.2
+    )
+    store = ConversationAnswerStore(
+        create_sessionmaker(tight), queue_when_busy=False, model="fake-1"
+    )
+    taken = asyncio.Event()
+
+    async def take_the_connection(seconds: float) -> None:
+        async with tight.connect():
+            taken.set()
+            await asyncio.sleep(seconds)
+
+    try:
+        holder = asyncio.create_task(take_the_connection(0.6))
+        await taken.wait()
+        stored = await store.store_result(
+            AnswerResult(
+                job_conversation_id=conversation_id,
+                message_id=sent.answer_id,
+                outcome="complete",
+                content="It is on its way.",
+                last_seq=5,
+                usage=Usage(prompt_tokens=10, completion_tokens=5),
+            )
+        )
+        await holder
+    finally:
+        await tight.dispose()
+    assert stored.changed
+    assert stored.message["status"] == "complete"
+    assert (await rig.message(sent.answer_id)).content == "It is on its way."
+    await rig.engine.request_cancel(sent.answer_id)
+    await eventually(lambda: sent.answer_id not in rig.engine.running)
 
 
 async def test_the_result_of_an_answer_that_is_gone_is_not_stored(rig: Rig) -> None:

@@ -8,6 +8,7 @@ silent: messages are stored and relayed.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from helpline.agents.memory import SUMMARY_JOB
@@ -55,6 +57,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 HISTORY_MESSAGES = 20
+# An answer's result waits for a pooled connection this many times (the pool's timeout each),
+# with a pause that doubles from STORE_RETRY_S between them.
+STORE_ATTEMPTS = 4
+STORE_RETRY_S = 0.25
 HANDOFF_REASON_MAX_LENGTH = 500
 SILENT_STATUSES = frozenset({ConversationStatus.WAITING_FOR_AGENT, ConversationStatus.WITH_AGENT})
 
@@ -716,6 +722,28 @@ class ConversationAnswerStore:
         self.memory_token_budget = memory_token_budget
 
     async def store_result(self, result: AnswerResult) -> StoredAnswer:
+        """Store the result; waits its turn again when the pool had no connection for it.
+
+        A burst of answers ending together can outlast the pool's timeout; given up, such an
+        answer would be left to the reaper, which can only store it `failed` from its log.
+        Other errors are not retried: a commit whose outcome is unknown must not run twice.
+        """
+        attempt = 1
+        while True:
+            try:
+                return await self._store_result(result)
+            except PoolTimeout:
+                if attempt == STORE_ATTEMPTS:
+                    raise
+                log.warning(
+                    "chat.answer_store_waiting",
+                    message_id=str(result.message_id),
+                    attempt=attempt,
+                )
+                await asyncio.sleep(STORE_RETRY_S * 2 ** (attempt - 1))
+                attempt += 1
+
+    async def _store_result(self, result: AnswerResult) -> StoredAnswer:
         now = utcnow()
         async with unit_of_work(self.sessionmaker) as session:
             # Without the provider's usage, the prompt keeps the estimate stored at the start.
