@@ -169,13 +169,22 @@ class MemoryEventLog:
         return [frame for frame in events if (frame.seq or 0) > after_seq]
 
     async def seal(self, message_id: uuid.UUID) -> None:
+        # Re-inserted, so `_expires` stays in expiry order (one retention for all).
+        self._expires.pop(message_id, None)
         self._expires[message_id] = time.monotonic() + self.retention_s
         self._purge()
 
     def _purge(self) -> None:
+        """Drop the expired logs: the oldest first, stopping at the first one still kept (a
+        scan of every sealed log per seal grew with the hour of answers kept)."""
         now = time.monotonic()
-        for message_id in [m for m, at in self._expires.items() if at <= now]:
-            self._expires.pop(message_id, None)
+        expired: list[uuid.UUID] = []
+        for message_id, at in self._expires.items():
+            if at > now:
+                break
+            expired.append(message_id)
+        for message_id in expired:
+            del self._expires[message_id]
             self._events.pop(message_id, None)
 
     async def close(self) -> None:
