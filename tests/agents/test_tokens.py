@@ -8,6 +8,7 @@ from helpline.agents.schemas import ChatMessage
 from helpline.agents.tokens import (
     TOKENS_PER_MESSAGE,
     TOKENS_PER_REPLY,
+    estimate_fixed_tokens,
     estimate_prompt_tokens,
     estimate_tokens,
 )
@@ -63,3 +64,17 @@ def test_prompt_counts_every_message_with_its_overhead() -> None:
     )
     assert estimate_prompt_tokens(messages) == expected
     assert estimate_prompt_tokens([]) == TOKENS_PER_REPLY
+
+
+def test_a_message_counted_already_is_not_estimated_again() -> None:
+    text = "Where is my invoice?"
+    counted = ChatMessage(role="user", content=text, token_count=42)
+    assert estimate_prompt_tokens([counted]) == TOKENS_PER_REPLY + TOKENS_PER_MESSAGE + 42
+    # The count is what the message knows of itself, not part of what it says.
+    assert counted == ChatMessage(role="user", content=text)
+
+
+def test_a_fixed_text_is_estimated_as_any_other() -> None:
+    prompt = "You are the support assistant of Acme. " * 40
+    assert estimate_fixed_tokens(prompt) == estimate_tokens(prompt)
+    assert estimate_fixed_tokens(prompt) == estimate_fixed_tokens(prompt)

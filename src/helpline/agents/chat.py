@@ -29,7 +29,12 @@ from helpline.agents.schemas import (
     TextDelta,
     Usage,
 )
-from helpline.agents.tokens import estimate_message_tokens, estimate_prompt_tokens, estimate_tokens
+from helpline.agents.tokens import (
+    estimate_fixed_tokens,
+    estimate_message_tokens,
+    estimate_prompt_tokens,
+    estimate_tokens,
+)
 
 # Estimated tokens of history sent with a question. Small enough for the 4k–8k contexts that
 # self-hosted models often run with, next to the system prompt, the question and the reply.
@@ -71,7 +76,13 @@ def build_messages(
     kept.reverse()
     messages: list[ChatMessage] = []
     if system_prompt:
-        messages.append(ChatMessage(role="system", content=system_prompt))
+        messages.append(
+            ChatMessage(
+                role="system",
+                content=system_prompt,
+                token_count=estimate_fixed_tokens(system_prompt),
+            )
+        )
     messages.extend(kept)
     messages.append(ChatMessage(role="user", content=request.question))
     return messages

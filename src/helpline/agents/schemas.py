@@ -56,6 +56,9 @@ class ChatMessage:
     content: str
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
+    # The content's tokens when already counted (a stored message carries its count), so a
+    # conversation's history is not estimated again for every answer. Not part of equality.
+    token_count: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

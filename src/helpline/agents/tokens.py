@@ -22,6 +22,7 @@ reply).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable
@@ -54,13 +55,22 @@ def estimate_tokens(text: str) -> int:
     return max(1, math.ceil(estimate))
 
 
+@functools.lru_cache(maxsize=16)
+def estimate_fixed_tokens(text: str) -> int:
+    """`estimate_tokens` of a text sent unchanged with every request (a system prompt)."""
+    return estimate_tokens(text)
+
+
 def estimate_message_tokens(message: ChatMessage) -> int:
     """Estimate the tokens one chat message takes in a prompt, its role and separators included.
 
     The tool calls an assistant message carries count as well: their names and arguments are
     sent back to the model with the conversation.
     """
-    tokens = TOKENS_PER_MESSAGE + estimate_tokens(message.content)
+    counted = message.token_count
+    tokens = TOKENS_PER_MESSAGE + (
+        counted if counted is not None else estimate_tokens(message.content)
+    )
     for call in message.tool_calls:
         tokens += TOKENS_PER_MESSAGE + estimate_tokens(call.name) + estimate_tokens(call.arguments)
     return tokens

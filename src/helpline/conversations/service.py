@@ -181,10 +181,14 @@ class SendResult:
 def _history(messages: Sequence[Message]) -> tuple[ChatMessage, ...]:
     history: list[ChatMessage] = []
     for message in messages:
+        # The count stored with the message (0: not counted, e.g. an old row).
+        counted = message.token_count or None
         if message.role == MessageRole.USER:
-            history.append(ChatMessage(role="user", content=message.content))
+            history.append(ChatMessage(role="user", content=message.content, token_count=counted))
         elif message.role in (MessageRole.ASSISTANT, MessageRole.AGENT) and message.content:
-            history.append(ChatMessage(role="assistant", content=message.content))
+            history.append(
+                ChatMessage(role="assistant", content=message.content, token_count=counted)
+            )
     return tuple(history)
 
 
