@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 from redis.asyncio import Redis
 
 from helpline.core.config import Settings
+from helpline.core.redis import SOCKET_TIMEOUT_S as REDIS_SOCKET_TIMEOUT_S
+from helpline.core.redis import create_redis
 from helpline.realtime.backends import Backends
 from helpline.realtime.frames import Frame, message_frame, token_frame
 from helpline.realtime.redis_backends import (
@@ -295,6 +298,39 @@ async def test_the_control_bus_reaches_the_other_instance(
     await eventually(lambda: len(on_one) == 2)
     assert on_one == [cancel, revoke]  # its own `cancel` did not come back a second time
     assert on_two == [cancel, revoke]
+
+
+async def test_an_idle_subscriber_keeps_its_subscription_past_the_socket_timeout(
+    redis: Redis, redis_only_settings: Settings
+) -> None:
+    """Pub/sub keeps nothing: a subscriber that reconnected after a quiet spell would lose
+    what was published meanwhile (e.g. a `cancel` for an answer it runs)."""
+    client = create_redis(redis_only_settings)  # the app's client, with its socket timeout
+    assert client is not None
+    one = create_redis_backends(client, redis_only_settings)
+    two = create_redis_backends(client, redis_only_settings)
+    on_two: list[dict[str, Any]] = []
+
+    async def handle_two(command: dict[str, Any]) -> None:
+        on_two.append(command)
+
+    two.control.listen(handle_two)
+    try:
+        await one.start()
+        await two.start()
+        await eventually(lambda: _subscribed(redis, control_of(one).channel, 2))
+        subscriber = control_of(two)._subscriber
+        pubsub = subscriber.pubsub
+        await asyncio.sleep(REDIS_SOCKET_TIMEOUT_S + 1)  # nothing published
+        assert subscriber.connected
+        assert subscriber.pubsub is pubsub  # the same subscription, never re-made
+        cancel = {"kind": "cancel", "message_id": str(uuid.uuid4())}
+        await one.control.send(cancel)
+        await eventually(lambda: on_two == [cancel])
+    finally:
+        await one.close()
+        await two.close()
+        await client.aclose()
 
 
 @pytest.fixture

@@ -12,6 +12,9 @@ from redis.retry import Retry
 
 from helpline.core.config import Settings
 
+# A reply slower than this is a dead connection (pub/sub readers wait in shorter reads).
+SOCKET_TIMEOUT_S = 5.0
+
 
 def create_redis(settings: Settings) -> Redis | None:
     """A pooled client that retries briefly and reconnects after Redis restarts."""
@@ -21,7 +24,7 @@ def create_redis(settings: Settings) -> Redis | None:
         settings.redis_url,
         decode_responses=False,
         socket_connect_timeout=2.0,
-        socket_timeout=5.0,
+        socket_timeout=SOCKET_TIMEOUT_S,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
