@@ -264,20 +264,16 @@ async def send_message(
     conversation: Conversation,
     content: str,
     client_message_id: str | None,
-    locked_at: datetime | None = None,
+    locked_at: datetime,
 ) -> SendResult:
     """Store a message; a customer's message in an `open` conversation starts an AI answer.
 
     Idempotent by `client_message_id`. A second send while an answer streams is refused
     (`GENERATION_IN_PROGRESS`) or, with `queue_when_busy`, stored and answered afterwards.
-    `locked_at`: the caller loaded `conversation` for an update already, setting its
-    `updated_at` to this moment (`get_conversation(lock=True, touch=…)`).
+    The caller loaded `conversation` for an update, setting its `updated_at` to `locked_at`
+    (`get_conversation(lock=True, touch=…)`): the message is stored at that moment.
     """
-    now = locked_at or utcnow()
-    if locked_at is None:
-        conversation = (
-            await repository.lock_conversation(session, conversation.id, touch=now) or conversation
-        )
+    now = locked_at
     # Read under the lock: the same send may have committed while we waited for it, and is
     # replayed rather than refused as a second send (GENERATION_IN_PROGRESS).
     context = await repository.send_context(
