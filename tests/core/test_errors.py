@@ -8,10 +8,16 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
+from websockets.asyncio.client import connect as websocket_connect
+from websockets.exceptions import ConnectionClosed
 
 from helpline.core.config import Settings
 from helpline.core.errors import Conflict
-from helpline.main import create_app
+from helpline.main import Helpline, create_app
+from tests.log_events import captured_log_events
+from tests.servers import LiveServer
 
 
 class Item(BaseModel):
@@ -165,3 +171,27 @@ async def test_cors_preflight_allows_configured_origin(settings: Settings) -> No
         )
     assert allowed.headers["access-control-allow-origin"] == "https://shop.test"
     assert "access-control-allow-origin" not in refused.headers
+
+
+async def test_an_unhandled_error_in_a_socket_closes_it_with_1011_and_is_logged(
+    settings: Settings,
+) -> None:
+    async def broken(websocket: WebSocket) -> None:
+        await websocket.accept()
+        raise RuntimeError("secret internals")
+
+    app = create_app(settings)
+    assert isinstance(app, Helpline)
+    app.websocket_routes.append(WebSocketRoute("/broken", broken))
+    with captured_log_events() as logs, LiveServer.serve(app) as live:
+        headers = {"X-Request-ID": "socket-42"}
+        async with websocket_connect(f"{live.ws_url}/broken", additional_headers=headers) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.recv()
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1011
+    assert "secret" not in closed.value.rcvd.reason
+    logged = [entry for entry in logs if entry.get("event") == "request.unhandled_error"]
+    assert len(logged) == 1
+    assert logged[0]["path"] == "/broken"
+    assert logged[0]["request_id"] == "socket-42"

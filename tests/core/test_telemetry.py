@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import httpx
 import pytest
@@ -27,6 +25,7 @@ from helpline.core import metrics, telemetry
 from helpline.core.config import Settings
 from helpline.core.database import DbSession
 from helpline.main import create_app
+from tests.log_events import captured_log_events
 from tests.realtime.helpers import eventually
 from tests.servers import LiveServer, free_port
 
@@ -148,24 +147,6 @@ async def test_probes_and_scrapes_are_not_traced(traced: Traced) -> None:
     for path in ("/health/live", "/health/ready", "/metrics"):
         assert (await traced.client.get(path)).status_code == 200
     assert [span for span in traced.spans() if span.kind == SpanKind.SERVER] == []
-
-
-@contextmanager
-def captured_log_events() -> Iterator[list[dict[str, Any]]]:
-    events: list[dict[str, Any]] = []
-
-    class Capture(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if isinstance(record.msg, dict):
-                events.append(dict(record.msg))
-
-    handler = Capture(level=logging.INFO)
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield events
-    finally:
-        root.removeHandler(handler)
 
 
 async def test_log_lines_carry_the_trace_id(traced: Traced) -> None:
