@@ -6,6 +6,8 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import pytest
@@ -13,6 +15,7 @@ import websockets
 from fastapi import FastAPI
 
 from helpline.core.config import Settings
+from helpline.core.limiter import InProcessStorage, RateLimiter
 from helpline.main import create_app
 from helpline.realtime.frames import Frame
 from tests.factories import bearer, create_user, login, open_session
@@ -108,6 +111,43 @@ async def test_unreachable_storage_fails_closed_when_configured(settings: Settin
         response = await http.get("/conversations")
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "SERVICE_UNAVAILABLE"
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """A real thread pool that counts the work handed to it."""
+
+    submitted = 0
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+async def test_in_process_limits_keep_their_work_on_the_event_loop() -> None:
+    """Checks on the embedded storage (no Redis) never hop to a thread."""
+    executor = CountingExecutor(max_workers=1)
+    asyncio.get_running_loop().set_default_executor(executor)
+    limiter = RateLimiter(InProcessStorage())
+    allowed = []
+    for index in range(200):
+        status = await limiter.hit("5/minute", "api", f"user:{index % 20}")
+        allowed.append(status.allowed)
+        await asyncio.sleep(0)  # let any sweep the hit scheduled run
+    executor.shutdown()
+    assert executor.submitted == 0
+    # Still a limit: each of the 20 users got 5 of its 10 hits.
+    assert allowed.count(True) == 100
+
+
+async def test_in_process_sweep_frees_expired_windows() -> None:
+    storage = InProcessStorage()
+    limiter = RateLimiter(storage)
+    results = [(await limiter.hit("2/second", "api", "user:a")).allowed for _ in range(3)]
+    assert results == [True, True, False]
+    await asyncio.sleep(1.05)
+    storage.sweep_expired()
+    assert storage.events == {}
+    assert (await limiter.hit("2/second", "api", "user:a")).allowed
 
 
 async def _customer_with_conversation(

@@ -28,7 +28,6 @@ from typing import Annotated, Any, Literal
 
 import structlog
 from limits import parse
-from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -45,6 +44,7 @@ from helpline.core import metrics
 from helpline.core.config import Settings
 from helpline.core.database import unit_of_work
 from helpline.core.errors import AppError
+from helpline.core.limiter import InProcessStorage
 from helpline.realtime import service as realtime_service
 from helpline.realtime.connection import (
     CLOSE_SLOW_CONSUMER,
@@ -112,7 +112,7 @@ class FrameRateLimiter:
 
     def __init__(self, limit: str) -> None:
         self.item = parse(limit)
-        self.strategy = MovingWindowRateLimiter(MemoryStorage())
+        self.strategy = MovingWindowRateLimiter(InProcessStorage())
 
     async def allow(self, key: str) -> bool:
         return await self.strategy.hit(self.item, "ws", key)
