@@ -8,7 +8,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    Table,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -23,11 +34,32 @@ from helpline.conversations.models import (
 )
 from helpline.kit.pagination import paginate, split_page
 
+# The statements a send and an answer's result run (on the way to every first token) are built
+# once, on the tables: built per call, and through the ORM's bulk paths, they cost several
+# times the CPU of their round trips (`bench/answer_db.py`).
+_messages: Table = Message.__table__  # type: ignore[assignment]
+_conversations: Table = Conversation.__table__  # type: ignore[assignment]
+_token_usage: Table = TokenUsage.__table__  # type: ignore[assignment]
+_NEWEST_FIRST = (_messages.c.created_at.desc(), _messages.c.id.desc())
+_IN_CONVERSATION = _messages.c.conversation_id == bindparam("conversation_id")
+
 
 async def get_conversation(
     session: AsyncSession, conversation_id: uuid.UUID
 ) -> Conversation | None:
     return await session.get(Conversation, conversation_id)
+
+
+_TOUCH_AND_LOCK = (
+    select(Conversation)
+    .from_statement(
+        update(_conversations)
+        .where(_conversations.c.id == bindparam("conversation_id"))
+        .values(updated_at=bindparam("touch"))
+        .returning(*_conversations.c)
+    )
+    .execution_options(populate_existing=True)
+)
 
 
 async def lock_conversation(
@@ -41,11 +73,17 @@ async def lock_conversation(
     both set `updated_at` to it instead (`UPDATE … RETURNING`, which locks the row as well):
     one round trip rather than a lock now and an update at the flush.
     """
-    if touch is not None or session.get_bind().dialect.name != "postgresql":
-        statement: Any = (
+    statement: Any
+    if touch is not None:
+        result = await session.execute(
+            _TOUCH_AND_LOCK, {"conversation_id": conversation_id, "touch": touch}
+        )
+        return result.scalar_one_or_none()
+    if session.get_bind().dialect.name != "postgresql":
+        statement = (
             update(Conversation)
             .where(Conversation.id == conversation_id)
-            .values(updated_at=Conversation.updated_at if touch is None else touch)
+            .values(updated_at=Conversation.updated_at)
             .returning(Conversation)
         )
     else:
@@ -144,12 +182,52 @@ async def get_reply(session: AsyncSession, user_message_id: uuid.UUID) -> Messag
 
 
 @dataclass(frozen=True, slots=True)
+class HistoryMessage:
+    """What an answer's history needs of a message."""
+
+    role: MessageRole
+    content: str
+    token_count: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class SendContext:
     """What a send must know of its conversation, read under its lock in one query."""
 
-    recent: Sequence[Message]  # the last messages, oldest first
-    streaming_answer: Message | None
-    same_client_id: Message | None  # an earlier send with this `client_message_id`
+    recent: Sequence[HistoryMessage]  # the last messages, oldest first
+    streaming_answer_id: uuid.UUID | None
+    same_client_id: uuid.UUID | None  # an earlier send with this `client_message_id`
+
+
+_SEND_CONTEXT = (
+    select(
+        _messages.c.id,
+        _messages.c.role,
+        _messages.c.status,
+        _messages.c.content,
+        _messages.c.token_count,
+        _messages.c.client_message_id,
+        _messages.c.created_at,
+    )
+    .where(
+        _IN_CONVERSATION,
+        or_(
+            _messages.c.id.in_(
+                select(_messages.c.id)
+                .where(_IN_CONVERSATION)
+                .order_by(*_NEWEST_FIRST)
+                .limit(bindparam("recent_limit"))
+                .scalar_subquery()
+            ),
+            (_messages.c.role == MessageRole.ASSISTANT)
+            & (_messages.c.status == MessageStatus.STREAMING),
+            # NULL (no client id) matches nothing.
+            _messages.c.client_message_id == bindparam("client_message_id"),
+        ),
+    )
+    .order_by(*_NEWEST_FIRST)
+)
 
 
 async def send_context(
@@ -161,43 +239,48 @@ async def send_context(
 ) -> SendContext:
     """The last `recent_limit` messages, the streaming answer and the earlier send by
     `client_message_id`, in one round trip (each is also looked up on its own index)."""
-    in_conversation = Message.conversation_id == conversation_id
-    recent_ids = (
-        select(Message.id)
-        .where(in_conversation)
-        .order_by(Message.created_at.desc(), Message.id.desc())
-        .limit(recent_limit)
-    )
-    wanted: list[ColumnElement[bool]] = [
-        Message.id.in_(recent_ids.scalar_subquery()),
-        (Message.role == MessageRole.ASSISTANT) & (Message.status == MessageStatus.STREAMING),
-    ]
-    if client_message_id is not None:
-        wanted.append(Message.client_message_id == client_message_id)
-    statement = (
-        select(Message)
-        .where(in_conversation, or_(*wanted))
-        .order_by(Message.created_at.desc(), Message.id.desc())
-    )
-    rows = list((await session.scalars(statement)).all())
+    rows = (
+        await session.execute(
+            _SEND_CONTEXT,
+            {
+                "conversation_id": conversation_id,
+                "recent_limit": recent_limit,
+                "client_message_id": client_message_id,
+            },
+        )
+    ).all()
     streaming = next(
         (
-            m
-            for m in rows
-            if m.role == MessageRole.ASSISTANT and m.status == MessageStatus.STREAMING
+            row.id
+            for row in rows
+            if row.role == MessageRole.ASSISTANT and row.status == MessageStatus.STREAMING
         ),
         None,
     )
     same_client_id = (
         None
         if client_message_id is None
-        else next((m for m in rows if m.client_message_id == client_message_id), None)
+        else next((row.id for row in rows if row.client_message_id == client_message_id), None)
     )
     # Newest first: the recent ones lead; older rows here are the streaming answer or the
     # earlier send, which are not part of the history unless they are recent.
-    recent = rows[:recent_limit]
-    recent.reverse()
-    return SendContext(recent=recent, streaming_answer=streaming, same_client_id=same_client_id)
+    recent = [
+        HistoryMessage(row.role, row.content, row.token_count, row.created_at)
+        for row in reversed(rows[:recent_limit])
+    ]
+    return SendContext(recent=recent, streaming_answer_id=streaming, same_client_id=same_client_id)
+
+
+_INSERT_MESSAGE = insert(_messages)
+
+
+async def insert_messages(session: AsyncSession, messages: Sequence[Message]) -> None:
+    """Insert messages built whole (`new_row`) in one statement; they stay detached, as built."""
+    columns = [column.key for column in _messages.columns]
+    await session.execute(
+        _INSERT_MESSAGE,
+        [{key: getattr(message, key) for key in columns} for message in messages],
+    )
 
 
 async def get_streaming_answer(session: AsyncSession, conversation_id: uuid.UUID) -> Message | None:
@@ -244,24 +327,29 @@ async def streaming_answers_before(
     return [(row[0], row[1]) for row in (await session.execute(statement)).all()]
 
 
+_FINISH_ANSWER = (
+    update(_messages)
+    .where(
+        _messages.c.id == bindparam("message_id"),
+        _messages.c.status == MessageStatus.STREAMING,
+    )
+    .returning(*_messages.c)
+)
+
+
 async def finish_answer(
     session: AsyncSession,
     *,
     message_id: uuid.UUID,
     values: dict[str, object],
-) -> Message | None:
-    """Store an answer's final state, only if it is still `streaming` (exactly once).
+) -> Row[Any] | None:
+    """Store an answer's final state (`values` by column), only if it is still `streaming`
+    (exactly once).
 
-    The stored message, or None when it was final already (or is gone).
+    The stored row, or None when it was final already (or is gone).
     """
-    statement = (
-        update(Message)
-        .where(Message.id == message_id, Message.status == MessageStatus.STREAMING)
-        .values(**values)
-        .returning(Message)
-        .execution_options(populate_existing=True)
-    )
-    return (await session.scalars(statement)).one_or_none()
+    result = await session.execute(_FINISH_ANSWER, {"message_id": message_id, **values})
+    return result.one_or_none()
 
 
 async def count_messages(session: AsyncSession, conversation_id: uuid.UUID) -> dict[str, int]:
@@ -273,6 +361,16 @@ async def count_messages(session: AsyncSession, conversation_id: uuid.UUID) -> d
     return {str(role): int(count) for role, count in (await session.execute(statement)).all()}
 
 
+_TOUCH = (
+    update(_conversations)
+    .where(_conversations.c.id == bindparam("conversation_id"))
+    .returning(_conversations.c.user_id, _conversations.c.summary_until)
+)
+_TOUCH_ANSWERED = _TOUCH.values(
+    first_answer_at=func.coalesce(_conversations.c.first_answer_at, bindparam("answered_at"))
+)
+
+
 async def touch_conversation(
     session: AsyncSession, conversation_id: uuid.UUID, moment: datetime, *, answered: bool
 ) -> tuple[uuid.UUID, datetime | None] | None:
@@ -280,33 +378,33 @@ async def touch_conversation(
 
     Its owner and the end of its running summary, or None when it is gone.
     """
-    values: dict[str, object] = {"updated_at": moment}
+    params: dict[str, object] = {"conversation_id": conversation_id, "updated_at": moment}
     if answered:
-        values["first_answer_at"] = func.coalesce(Conversation.first_answer_at, moment)
-    statement = (
-        update(Conversation)
-        .where(Conversation.id == conversation_id)
-        .values(**values)
-        .returning(Conversation.user_id, Conversation.summary_until)
-        .execution_options(synchronize_session=False)
-    )
-    row = (await session.execute(statement)).one_or_none()
+        params["answered_at"] = moment
+    result = await session.execute(_TOUCH_ANSWERED if answered else _TOUCH, params)
+    row = result.one_or_none()
     return None if row is None else (row[0], row[1])
+
+
+def _add_token_usage_statement(dialect: str) -> Any:
+    pending = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(_token_usage)
+    return pending.on_conflict_do_update(
+        index_elements=[_token_usage.c.user_id, _token_usage.c.day],
+        set_={"tokens": _token_usage.c.tokens + pending.excluded.tokens},
+    )
+
+
+_ADD_TOKEN_USAGE = {
+    dialect: _add_token_usage_statement(dialect) for dialect in ("postgresql", "sqlite")
+}
 
 
 async def add_token_usage(
     session: AsyncSession, *, user_id: uuid.UUID, day: str, tokens: int
 ) -> None:
     """Add to the day's usage in one upsert: concurrent answers never lose a charge."""
-    values = {"user_id": user_id, "day": day, "tokens": tokens}
-    is_postgres = session.bind is not None and session.bind.dialect.name == "postgresql"
-    insert = postgresql_insert if is_postgres else sqlite_insert
-    pending = insert(TokenUsage).values(**values)
-    statement = pending.on_conflict_do_update(
-        index_elements=[TokenUsage.user_id, TokenUsage.day],
-        set_={"tokens": TokenUsage.tokens + pending.excluded.tokens},
-    )
-    await session.execute(statement)
+    statement = _ADD_TOKEN_USAGE[session.get_bind().dialect.name]
+    await session.execute(statement, {"user_id": user_id, "day": day, "tokens": tokens})
 
 
 async def get_token_usage(session: AsyncSession, *, user_id: uuid.UUID, day: str) -> int:
@@ -320,15 +418,31 @@ async def get_token_usage(session: AsyncSession, *, user_id: uuid.UUID, day: str
 _MEMORY_ROLES = (MessageRole.USER, MessageRole.ASSISTANT, MessageRole.AGENT)
 
 
-def _memory_filter(conversation_id: uuid.UUID, after: datetime | None) -> list[ColumnElement[bool]]:
+def _memory_conditions(*, after: bool) -> list[ColumnElement[bool]]:
+    """The conversation's exchanged messages (after the bound `after`, if `after`)."""
     conditions = [
-        Message.conversation_id == conversation_id,
-        Message.role.in_(_MEMORY_ROLES),
-        Message.status != MessageStatus.STREAMING,
+        _IN_CONVERSATION,
+        _messages.c.role.in_(_MEMORY_ROLES),
+        _messages.c.status != MessageStatus.STREAMING,
     ]
-    if after is not None:
-        conditions.append(Message.created_at > after)
+    if after:
+        conditions.append(_messages.c.created_at > bindparam("after"))
     return conditions
+
+
+def _memory_params(conversation_id: uuid.UUID, after: datetime | None) -> dict[str, object]:
+    params: dict[str, object] = {"conversation_id": conversation_id}
+    if after is not None:
+        params["after"] = after
+    return params
+
+
+_MEMORY_TOKENS = {
+    after: select(func.coalesce(func.sum(_messages.c.token_count), 0)).where(
+        *_memory_conditions(after=after)
+    )
+    for after in (False, True)
+}
 
 
 async def memory_tokens(
@@ -336,9 +450,7 @@ async def memory_tokens(
 ) -> int:
     """Tokens of the exchanged messages created after `after` (all of them for None)."""
     value = await session.scalar(
-        select(func.coalesce(func.sum(Message.token_count), 0)).where(
-            *_memory_filter(conversation_id, after)
-        )
+        _MEMORY_TOKENS[after is not None], _memory_params(conversation_id, after)
     )
     return int(value or 0)
 
@@ -349,10 +461,11 @@ async def memory_messages(
     """The exchanged messages created after `after`, oldest first."""
     statement = (
         select(Message)
-        .where(*_memory_filter(conversation_id, after))
+        .where(*_memory_conditions(after=after is not None))
         .order_by(Message.created_at.asc(), Message.id.asc())
     )
-    return list((await session.scalars(statement)).all())
+    result = await session.scalars(statement, _memory_params(conversation_id, after))
+    return list(result.all())
 
 
 async def save_summary(

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import structlog
+from sqlalchemy import Row
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -43,11 +44,12 @@ from helpline.conversations.models import (
     MessageRole,
     MessageStatus,
 )
+from helpline.conversations.repository import HistoryMessage
 from helpline.conversations.schemas import ConversationRead, MessageRead
 from helpline.core import metrics
 from helpline.core.database import on_commit, unit_of_work
 from helpline.jobs import service as jobs_service
-from helpline.kit.models import utcnow
+from helpline.kit.models import new_row, utcnow
 from helpline.realtime.engine import AnswerJob, AnswerResult, GenerationEngine, StoredAnswer
 from helpline.realtime.frames import message_frame, status_frame
 
@@ -69,7 +71,7 @@ def is_staff(user: Actor) -> bool:
     return user.role in (UserRole.AGENT, UserRole.ADMIN)
 
 
-def message_json(message: Message) -> dict[str, Any]:
+def message_json(message: Message | Row[Any]) -> dict[str, Any]:
     return MessageRead.model_validate(message).model_dump(mode="json")
 
 
@@ -178,7 +180,7 @@ class SendResult:
         return None if self.assistant_message is None else self.assistant_message.id
 
 
-def _history(messages: Sequence[Message]) -> tuple[ChatMessage, ...]:
+def _history(messages: Sequence[HistoryMessage | Message]) -> tuple[ChatMessage, ...]:
     history: list[ChatMessage] = []
     for message in messages:
         # The count stored with the message (0: not counted, e.g. an old row).
@@ -199,25 +201,15 @@ async def _replay(session: AsyncSession, existing: Message, content: str) -> Sen
     return SendResult(user_message=existing, assistant_message=reply, created=False)
 
 
-async def _insert(session: AsyncSession, message: Message) -> None:
-    """Insert a message; callers hold the conversation's lock (`lock_conversation`).
-
-    They checked the unique constraints (client message id, one streaming answer) under that
-    lock, so the insert cannot be refused: no savepoint (two round trips before the first token).
-    """
-    session.add(message)
-    await session.flush()
-
-
-async def _begin_answer(
-    session: AsyncSession,
+def _plan_answer(
     *,
     model: str,
     conversation: Conversation,
     question: Message,
-    prior: Sequence[Message],
+    prior: Sequence[HistoryMessage | Message],
 ) -> tuple[Message, AnswerJob]:
-    """Create the `streaming` answer row (the caller checked, under the lock, that none is)."""
+    """The `streaming` answer row to insert (the caller checked, under the lock, that none is)
+    and the job that answers."""
     if conversation.summary_until is not None:
         # Folded into the running summary, which the answer gets instead.
         until = conversation.summary_until
@@ -227,7 +219,10 @@ async def _begin_answer(
     prompt_estimate = estimate_prompt_tokens(
         [*history, ChatMessage(role="user", content=question.content)]
     )
-    answer = Message(
+    # Strictly after the question, so "oldest first" never puts the answer before it.
+    started_at = question.created_at + timedelta(microseconds=1)
+    answer = new_row(
+        Message,
         conversation_id=conversation.id,
         role=MessageRole.ASSISTANT,
         content="",
@@ -237,11 +232,9 @@ async def _begin_answer(
         prompt_tokens=prompt_estimate,
         usage_estimated=True,
         model=model,
-        # Strictly after the question, so "oldest first" never puts the answer before it.
-        created_at=question.created_at + timedelta(microseconds=1),
-        updated_at=question.created_at + timedelta(microseconds=1),
+        created_at=started_at,
+        updated_at=started_at,
     )
-    await _insert(session, answer)
     job = AnswerJob(
         conversation_id=conversation.id,
         user_id=conversation.user_id,
@@ -283,7 +276,9 @@ async def send_message(
         recent_limit=HISTORY_MESSAGES,
     )
     if context.same_client_id is not None:
-        return await _replay(session, context.same_client_id, content)
+        existing = await repository.get_message(session, context.same_client_id)
+        if existing is not None:
+            return await _replay(session, existing, content)
     previous_status = conversation.status
     if author.id == conversation.user_id:
         role = MessageRole.USER
@@ -300,13 +295,13 @@ async def send_message(
 
     if ai_answers:
         engine.ensure_accepting()
-        if context.streaming_answer is not None:
+        if context.streaming_answer_id is not None:
             if not queue_when_busy:
                 raise GenerationInProgress()
             ai_answers = False
 
-    prior = context.recent if ai_answers else ()
-    question = Message(
+    question = new_row(
+        Message,
         conversation_id=conversation.id,
         role=role,
         content=content,
@@ -317,22 +312,22 @@ async def send_message(
         created_at=now,
         updated_at=now,
     )
-    await _insert(session, question)
-
     answer: Message | None = None
     job: AnswerJob | None = None
     if ai_answers:
-        answer, job = await _begin_answer(
-            session,
+        answer, job = _plan_answer(
             model=engine.answerer.model,
             conversation=conversation,
             question=question,
-            prior=prior,
+            prior=context.recent,
         )
+    # Under the lock the constraints (client message id, one streaming answer) were checked,
+    # so this cannot be refused: no savepoint, and both rows in one statement.
+    await repository.insert_messages(session, [question] if answer is None else [question, answer])
     queued = (
         role == MessageRole.USER and conversation.status == ConversationStatus.OPEN and job is None
     )
-    await session.flush()
+    await session.flush()  # a reopened conversation's status
 
     frames = [message_frame(conversation.id, message_json(question))]
     if conversation.status != previous_status:
@@ -867,9 +862,10 @@ class ConversationAnswerStore:
                 )
                 if message.created_at < question.created_at
             ][-HISTORY_MESSAGES:]
-            _, job = await _begin_answer(
-                session, model=self.model, conversation=conversation, question=question, prior=prior
+            answer, job = _plan_answer(
+                model=self.model, conversation=conversation, question=question, prior=prior
             )
+            await repository.insert_messages(session, [answer])
             return job
 
     async def streaming_answers(self, older_than_s: float) -> list[tuple[uuid.UUID, uuid.UUID]]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import DateTime, Enum, MetaData, TypeDecorator, Uuid
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.schema import CallableColumnDefault, ScalarElementColumnDefault
 
 # Stable constraint names, so Alembic migrations (and SQLite batch mode) can refer to them.
 NAMING_CONVENTION = {
@@ -57,6 +58,28 @@ def enum_column(enum_class: type[StrEnum], length: int) -> Enum:
         length=length,
         values_callable=lambda members: [member.value for member in members],
     )
+
+
+ModelT = TypeVar("ModelT", bound="Base")
+
+
+def new_row(model: type[ModelT], /, **values: Any) -> ModelT:
+    """`model(**values)` with its columns' Python-side defaults applied now, not at the INSERT.
+
+    For rows written by a Core `INSERT` (several in one statement) and used as built.
+    """
+    for column in model.__table__.columns:
+        if column.key in values:
+            continue
+        default = column.default
+        if isinstance(default, ScalarElementColumnDefault):
+            values[column.key] = default.arg
+        elif isinstance(default, CallableColumnDefault):
+            # Our defaults take no context; SQLAlchemy wraps them to take one.
+            values[column.key] = default.arg(None)  # type: ignore[arg-type]
+        else:
+            values[column.key] = None
+    return model(**values)
 
 
 class Base(DeclarativeBase):
