@@ -87,6 +87,23 @@ async def test_delay_is_awaited_per_piece() -> None:
     assert time.monotonic() - started >= 6 * 0.03 * 0.9
 
 
+async def test_pieces_keep_their_schedule_when_the_reader_falls_behind() -> None:
+    """Like a remote model: a slow reader does not slow the stream down, it catches up."""
+    arrivals: list[float] = []
+    started = time.monotonic()
+    async for event in FakeChatModel().stream(ask("[[tokens=10 delay_ms=20]]")):
+        if isinstance(event, TextDelta):
+            arrivals.append(time.monotonic() - started)
+            if len(arrivals) == 1:
+                await asyncio.sleep(0.15)  # the reader stalls for 7.5 pieces' time
+
+    assert len(arrivals) == 10
+    # Pieces 2-8 were due during the stall and come at once after it; the stream ends on
+    # time (10 x 20 ms), not 150 ms late.
+    assert arrivals[7] - arrivals[1] < 0.02
+    assert arrivals[-1] < 0.2 + 0.1
+
+
 async def test_fail_after_raises_after_that_many_pieces() -> None:
     model = FakeChatModel()
     texts: list[str] = []

@@ -17,8 +17,8 @@ spaces goes in double quotes, where `\\"` and `\\\\` escape a quote and a backsl
 |---|---|
 | `reply="text"` | the answer's text (otherwise the fixed sentence) |
 | `tokens=N` | exactly N pieces: the words of the reply (or of the sentence), repeated or cut |
-| `delay_ms=N` | wait N ms before each piece (default: the instance's `delay_ms`, 0) |
-| `first_delay_ms=N` | wait N ms before the first piece instead (time to first token) |
+| `delay_ms=N` | a piece every N ms (default: the instance's `delay_ms`, 0) |
+| `first_delay_ms=N` | the first piece after N ms instead (time to first token) |
 | `fail_after=N` | raise `LLMServiceError` after N pieces (`fail` = `fail_after=0`) |
 | `hang_after=N` | stop after N pieces and wait until cancelled (`hang` = `hang_after=0`) |
 | `usage=off` | end with an estimated `Usage` (as for a provider that reports none) |
@@ -35,6 +35,9 @@ are in, it answers with its text as usual. Offered no tools, it ignores these bl
 Pieces are words with their leading whitespace, so concatenating the `TextDelta`s rebuilds the
 text exactly. Every piece is awaited (`asyncio.sleep`, zero by default), so the stream yields
 to the event loop once per piece, like a network stream, and cancellation lands at once.
+Pieces are due on a schedule from the stream's start, as a remote model streams however fast
+it is read: a reader that fell behind gets the overdue pieces at once, rather than every delay
+adding up its lateness.
 Usage is reported as a provider would: prompt tokens estimated from the messages, completion
 tokens = the number of pieces. Unknown directives and bad values are ignored (and logged).
 
@@ -242,13 +245,16 @@ class FakeChatModel:
                     estimated=not script.usage,
                 )
                 return
+            loop = asyncio.get_running_loop()
+            due = loop.time()
             for index, piece in enumerate(pieces):
                 if index == script.fail_after:
                     outcome = "failed"
                     raise LLMServiceError("The fake model failed as scripted")
                 if index == script.hang_after:
                     await asyncio.Event().wait()
-                await asyncio.sleep((first_delay_ms if index == 0 else delay_ms) / 1000)
+                due += (first_delay_ms if index == 0 else delay_ms) / 1000
+                await asyncio.sleep(max(0.0, due - loop.time()))
                 yield TextDelta(piece)
             # A failure or hang scripted at the end (N ≥ the number of pieces) happens there.
             if script.fail_after is not None and script.fail_after >= len(pieces):
