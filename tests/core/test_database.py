@@ -1,0 +1,63 @@
+"""The PostgreSQL pool: dead connections are found before use, busy ones are not checked."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from helpline.core.database import create_engine
+from tests.conftest import make_settings
+
+
+async def _terminate(postgres_url: str, pid: int) -> None:
+    admin = await asyncpg.connect(postgres_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+
+
+async def test_a_pooled_connection_killed_while_idle_is_replaced_unseen(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    engine = create_engine(make_settings(postgres_url, tmp_path), ping_idle_after_s=0.1)
+    try:
+        async with engine.connect() as connection:
+            first_pid = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        await _terminate(postgres_url, first_pid)  # as a server restart would
+        await asyncio.sleep(0.2)
+
+        async with engine.connect() as connection:
+            second_pid = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        assert second_pid != first_pid
+    finally:
+        await engine.dispose()
+
+
+async def test_a_connection_back_in_use_at_once_is_not_checked(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """No check in between: a connection killed right after use fails its next statement
+    (and the pool then replaces it), which proves the checkout did not ping it."""
+    engine = create_engine(make_settings(postgres_url, tmp_path), ping_idle_after_s=60)
+    try:
+        async with engine.connect() as connection:
+            first_pid = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        await _terminate(postgres_url, first_pid)
+        await asyncio.sleep(0.1)
+
+        with pytest.raises(DBAPIError) as raised:
+            async with engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        assert raised.value.connection_invalidated
+
+        async with engine.connect() as connection:
+            second_pid = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        assert second_pid != first_pid
+    finally:
+        await engine.dispose()
