@@ -43,6 +43,21 @@ _token_usage: Table = TokenUsage.__table__  # type: ignore[assignment]
 _NEWEST_FIRST = (_messages.c.created_at.desc(), _messages.c.id.desc())
 _IN_CONVERSATION = _messages.c.conversation_id == bindparam("conversation_id")
 
+# What the agent's memory is made of: the exchange, not system notes or answers in flight.
+_MEMORY_ROLES = (MessageRole.USER, MessageRole.ASSISTANT, MessageRole.AGENT)
+
+
+def _memory_conditions(conversation_id: Any, after: Any | None) -> list[ColumnElement[bool]]:
+    """A conversation's exchanged messages (created after `after`, unless None)."""
+    conditions = [
+        _messages.c.conversation_id == conversation_id,
+        _messages.c.role.in_(_MEMORY_ROLES),
+        _messages.c.status != MessageStatus.STREAMING,
+    ]
+    if after is not None:
+        conditions.append(_messages.c.created_at > after)
+    return conditions
+
 
 async def get_conversation(
     session: AsyncSession, conversation_id: uuid.UUID
@@ -361,10 +376,32 @@ async def count_messages(session: AsyncSession, conversation_id: uuid.UUID) -> d
     return {str(role): int(count) for role, count in (await session.execute(statement)).all()}
 
 
+@dataclass(frozen=True, slots=True)
+class TouchedConversation:
+    user_id: uuid.UUID
+    # The tokens of the messages exchanged after its running summary (all, without one).
+    memory_tokens: int
+
+
+# Not correlated with the updated row: SQLite renders a RETURNING clause's columns without
+# their table, and `id` in a subquery on messages would then be the message's.
+_SUMMARY_UNTIL = (
+    select(_conversations.c.summary_until)
+    .where(_conversations.c.id == bindparam("conversation_id"))
+    .scalar_subquery()
+)
+_MEMORY_TOKENS = (
+    select(func.coalesce(func.sum(_messages.c.token_count), 0))
+    .where(
+        *_memory_conditions(bindparam("conversation_id"), None),
+        or_(_SUMMARY_UNTIL.is_(None), _messages.c.created_at > _SUMMARY_UNTIL),
+    )
+    .scalar_subquery()
+)
 _TOUCH = (
     update(_conversations)
     .where(_conversations.c.id == bindparam("conversation_id"))
-    .returning(_conversations.c.user_id, _conversations.c.summary_until)
+    .returning(_conversations.c.user_id, _MEMORY_TOKENS)
 )
 _TOUCH_ANSWERED = _TOUCH.values(
     first_answer_at=func.coalesce(_conversations.c.first_answer_at, bindparam("answered_at"))
@@ -373,17 +410,18 @@ _TOUCH_ANSWERED = _TOUCH.values(
 
 async def touch_conversation(
     session: AsyncSession, conversation_id: uuid.UUID, moment: datetime, *, answered: bool
-) -> tuple[uuid.UUID, datetime | None] | None:
+) -> TouchedConversation | None:
     """Mark the conversation active at `moment` (and first answered, if it had no answer yet).
 
-    Its owner and the end of its running summary, or None when it is gone.
+    Its owner and the size of its verbatim memory, in the same round trip; None when it is
+    gone.
     """
     params: dict[str, object] = {"conversation_id": conversation_id, "updated_at": moment}
     if answered:
         params["answered_at"] = moment
     result = await session.execute(_TOUCH_ANSWERED if answered else _TOUCH, params)
     row = result.one_or_none()
-    return None if row is None else (row[0], row[1])
+    return None if row is None else TouchedConversation(row[0], int(row[1] or 0))
 
 
 def _add_token_usage_statement(dialect: str) -> Any:
@@ -414,58 +452,16 @@ async def get_token_usage(session: AsyncSession, *, user_id: uuid.UUID, day: str
     return int(value or 0)
 
 
-# What the agent's memory is made of: the exchange, not system notes or answers in flight.
-_MEMORY_ROLES = (MessageRole.USER, MessageRole.ASSISTANT, MessageRole.AGENT)
-
-
-def _memory_conditions(*, after: bool) -> list[ColumnElement[bool]]:
-    """The conversation's exchanged messages (after the bound `after`, if `after`)."""
-    conditions = [
-        _IN_CONVERSATION,
-        _messages.c.role.in_(_MEMORY_ROLES),
-        _messages.c.status != MessageStatus.STREAMING,
-    ]
-    if after:
-        conditions.append(_messages.c.created_at > bindparam("after"))
-    return conditions
-
-
-def _memory_params(conversation_id: uuid.UUID, after: datetime | None) -> dict[str, object]:
-    params: dict[str, object] = {"conversation_id": conversation_id}
-    if after is not None:
-        params["after"] = after
-    return params
-
-
-_MEMORY_TOKENS = {
-    after: select(func.coalesce(func.sum(_messages.c.token_count), 0)).where(
-        *_memory_conditions(after=after)
-    )
-    for after in (False, True)
-}
-
-
-async def memory_tokens(
-    session: AsyncSession, *, conversation_id: uuid.UUID, after: datetime | None
-) -> int:
-    """Tokens of the exchanged messages created after `after` (all of them for None)."""
-    value = await session.scalar(
-        _MEMORY_TOKENS[after is not None], _memory_params(conversation_id, after)
-    )
-    return int(value or 0)
-
-
 async def memory_messages(
     session: AsyncSession, *, conversation_id: uuid.UUID, after: datetime | None
 ) -> Sequence[Message]:
     """The exchanged messages created after `after`, oldest first."""
     statement = (
         select(Message)
-        .where(*_memory_conditions(after=after is not None))
+        .where(*_memory_conditions(conversation_id, after))
         .order_by(Message.created_at.asc(), Message.id.asc())
     )
-    result = await session.scalars(statement, _memory_params(conversation_id, after))
-    return list(result.all())
+    return list((await session.scalars(statement)).all())
 
 
 async def save_summary(

@@ -784,13 +784,17 @@ class ConversationAnswerStore:
                 session, message.conversation_id, now, answered=bool(result.content)
             )
             if conversation is not None:
-                owner_id, summary_until = conversation
                 # Charged with the stored usage, in the same transaction: cancelled and failed
                 # answers pay for what they streamed.
                 await repository.add_token_usage(
-                    session, user_id=owner_id, day=usage_day(now), tokens=usage.total_tokens
+                    session,
+                    user_id=conversation.user_id,
+                    day=usage_day(now),
+                    tokens=usage.total_tokens,
                 )
-                await self._summarise_if_due(session, message.conversation_id, summary_until)
+                await self._summarise_if_due(
+                    session, message.conversation_id, conversation.memory_tokens
+                )
             return StoredAnswer(
                 message=message_json(message), usage=usage, reply_to=message.reply_to
             )
@@ -811,18 +815,13 @@ class ConversationAnswerStore:
         )
 
     async def _summarise_if_due(
-        self, session: AsyncSession, conversation_id: uuid.UUID, summary_until: datetime | None
+        self, session: AsyncSession, conversation_id: uuid.UUID, memory_tokens: int
     ) -> None:
         """Queue the summary job (after this commit) once the verbatim part passes the budget.
 
         Memory is best effort: a failure to queue it is logged and never loses the answer.
         """
-        if not self.memory_token_budget:
-            return
-        tokens = await repository.memory_tokens(
-            session, conversation_id=conversation_id, after=summary_until
-        )
-        if tokens <= self.memory_token_budget:
+        if not self.memory_token_budget or memory_tokens <= self.memory_token_budget:
             return
         try:
             async with session.begin_nested():
