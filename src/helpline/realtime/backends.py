@@ -139,6 +139,9 @@ class MemoryBroker:
     async def publish(self, frame: Frame) -> None:
         self.local.deliver(frame)
 
+    def publish_now(self, frame: Frame) -> None:
+        self.local.deliver(frame)
+
     def local_subscriber_count(self, conversation_id: uuid.UUID) -> int:
         return self.local.count(conversation_id)
 
@@ -159,6 +162,9 @@ class MemoryEventLog:
         self._expires: dict[uuid.UUID, float] = {}
 
     async def append(self, message_id: uuid.UUID, frame: Frame) -> None:
+        self.append_now(message_id, frame)
+
+    def append_now(self, message_id: uuid.UUID, frame: Frame) -> None:
         self._events.setdefault(message_id, []).append(frame)
 
     async def read_after(self, message_id: uuid.UUID, after_seq: int) -> list[Frame] | None:
@@ -266,6 +272,18 @@ class Backends:
         except Exception:
             log.warning("realtime.event_log_append_failed", message_id=str(message_id))
         await self.broker.publish(frame)
+
+    @property
+    def in_process(self) -> bool:
+        """Whether the log and the broker live in this process (`log_and_publish_now` works)."""
+        return isinstance(self.event_log, MemoryEventLog) and isinstance(self.broker, MemoryBroker)
+
+    def log_and_publish_now(self, message_id: uuid.UUID, frame: Frame) -> None:
+        """`log_and_publish` with nothing to wait for, when `in_process`: no task, no await."""
+        assert isinstance(self.event_log, MemoryEventLog)
+        assert isinstance(self.broker, MemoryBroker)
+        self.event_log.append_now(message_id, frame)
+        self.broker.publish_now(frame)
 
     async def start(self) -> None:
         await self.broker.start()

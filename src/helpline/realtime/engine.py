@@ -55,7 +55,7 @@ Outcome = Literal["complete", "cancelled", "failed"]
 
 # While the process is behind, an answer's pieces gather this long before they are published
 # (the first piece never waits)...
-COALESCE_PIECES_S = 0.02
+COALESCE_PIECES_S = 0.05
 COALESCE_MAX_CHARS = 4 * 1024  # ...into events of at most this much text (or one piece).
 
 
@@ -166,6 +166,9 @@ class GenerationEngine:
         self._reaper: asyncio.Task[None] | None = None
         self.loop_lag = LoopLagMonitor()
         self._closing_hooks: list[Callable[[], Awaitable[None]]] = []
+        # In one process, while behind: the answers with pieces waiting for the next flush.
+        self._gathering: dict[uuid.UUID, RunningAnswer] = {}
+        self._flush: asyncio.TimerHandle | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -184,6 +187,9 @@ class GenerationEngine:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         await self.loop_lag.stop()
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush_gathered()
         await self.backends.close()
 
     def ensure_accepting(self) -> None:
@@ -378,13 +384,40 @@ class GenerationEngine:
         )
 
     def _take_piece(self, running: RunningAnswer, text: str) -> None:
-        """Keep a piece and have it published; the answerer is never held up by publishing."""
+        """Keep a piece and have it published; the answerer is never held up by publishing.
+
+        In one process (no shared backend) publishing is no I/O: while the loop keeps up, a
+        piece is logged and delivered right here (a task per piece would cost more than the
+        delivery); while it is behind, every answer's pieces gather for one flush of them all.
+        Otherwise a task publishes, and pieces that come meanwhile join its next event.
+        """
         running.pieces.append(text)
         running.unsent.append(text)
-        if running.publisher is None or running.publisher.done():
+        if running.publisher is not None and not running.publisher.done():
+            return
+        if not self.backends.in_process:
             running.publisher = asyncio.create_task(
                 self._publish_unsent(running), name=f"publish-{running.message_id_text}"
             )
+        elif running.seq == 0 or not self.loop_lag.behind:
+            self._publish_now(running)
+        else:
+            self._gathering[running.job.assistant_message_id] = running
+            if self._flush is None:
+                self._flush = asyncio.get_running_loop().call_later(
+                    COALESCE_PIECES_S, self._flush_gathered
+                )
+
+    def _publish_now(self, running: RunningAnswer) -> None:
+        while running.unsent:
+            frame = self._next_token_frame(running)
+            self.backends.log_and_publish_now(running.job.assistant_message_id, frame)
+
+    def _flush_gathered(self) -> None:
+        self._flush = None
+        gathered, self._gathering = self._gathering, {}
+        for running in gathered.values():
+            self._publish_now(running)
 
     async def _publish_unsent(self, running: RunningAnswer, *, wait: bool = True) -> None:
         """Log and publish the unsent pieces, as `token` events numbered by `seq`.
@@ -396,30 +429,35 @@ class GenerationEngine:
         """
         if wait and running.seq > 0 and self.loop_lag.behind:
             await asyncio.sleep(COALESCE_PIECES_S)
-        job = running.job
         while running.unsent:
-            taken, size = 0, 0
-            for piece in running.unsent:
-                if taken and size + len(piece) > COALESCE_MAX_CHARS:
-                    break
-                taken += 1
-                size += len(piece)
-            pieces = running.unsent[:taken]
-            del running.unsent[:taken]
-            if running.seq == 0:
-                running.first_token_s = time.perf_counter() - running.started_at
-            running.seq += 1
-            frame = token_frame(
-                job.conversation_id,
-                running.message_id_text,
-                job.reply_to,
-                running.seq,
-                pieces[0] if taken == 1 else "".join(pieces),
-            )
-            await self._emit(job.assistant_message_id, frame)
+            frame = self._next_token_frame(running)
+            await self._emit(running.job.assistant_message_id, frame)
+
+    def _next_token_frame(self, running: RunningAnswer) -> Frame:
+        """The next `token` event: the unsent pieces, joined up to `COALESCE_MAX_CHARS`."""
+        taken, size = 0, 0
+        for piece in running.unsent:
+            if taken and size + len(piece) > COALESCE_MAX_CHARS:
+                break
+            taken += 1
+            size += len(piece)
+        pieces = running.unsent[:taken]
+        del running.unsent[:taken]
+        if running.seq == 0:
+            running.first_token_s = time.perf_counter() - running.started_at
+        running.seq += 1
+        job = running.job
+        return token_frame(
+            job.conversation_id,
+            running.message_id_text,
+            job.reply_to,
+            running.seq,
+            pieces[0] if taken == 1 else "".join(pieces),
+        )
 
     async def _publish_rest(self, running: RunningAnswer) -> None:
         """Wait for the pieces on their way, then publish any left, without gathering more."""
+        self._gathering.pop(running.job.assistant_message_id, None)
         publisher = running.publisher
         if publisher is not None and not publisher.done():
             # Shielded: the answer's task may be cut (shutdown) while its text is still going out.
