@@ -13,7 +13,8 @@ counted in the text received (each fake piece is one word), since a frame may ca
 - unpaced: 100 sockets, each its own answer of 2,000 tokens as fast as the generator goes;
   delivered tokens/s.
 - paced: 1,000 and 2,000 streams at 50 tokens/s; share of tokens delivered on time and p99 token
-  delay (arrival minus the time the generator produced it at its pace).
+  delay (arrival minus the time the generator produced it at its pace), and the server's CPU
+  per token; then 1,000 one-token answers: the server's CPU per answer apart from its tokens.
 - ttft: time from the request to the first token on an open socket (Helpline also commits the
   user message and the answer row first); added over the bare server.
 - memory: server RSS per idle socket with 5,000 open, without and with permessage-deflate, on
@@ -38,9 +39,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import orjson
@@ -53,6 +55,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 SERVER_CPU, CLIENT_CPU = "0", 1
 PACE_S = 0.020  # 50 tokens/s
+PACED_TOKENS = 150
+T = TypeVar("T")
 
 
 def pin_client() -> None:
@@ -299,7 +303,14 @@ async def unpaced(target: Target, clients: int = 100, tokens: int = 2000) -> tup
     return delivered / elapsed, delivered / max(1, frames)
 
 
-async def paced(target: Target, streams: int, tokens: int = 150) -> tuple[float, float]:
+async def cpu_of(server: Server, scenario: Awaitable[T]) -> tuple[T, float]:
+    """The scenario's result and the CPU seconds the server spent on it."""
+    started = server.cpu_s
+    result = await scenario
+    return result, server.cpu_s - started
+
+
+async def paced(target: Target, streams: int, tokens: int = PACED_TOKENS) -> tuple[float, float]:
     pairs = await open_streams(target, streams, tokens)
     spread_s = 1.0
     for index, (client, stream) in enumerate(pairs):
@@ -434,10 +445,25 @@ async def streaming_scenarios(scenarios: list[str], data: Path, database_url: st
                     f"paced, {streams} streams at 50 tokens/s (target on time >= "
                     f"{'95' if streams == 1000 else '90'} %, p99 <= 250 ms)"
                 )
-                ours_share, ours_p99 = await paced(ours_target, streams)
-                bare_share, bare_p99 = await paced(bare_target, streams)
+                (ours_share, ours_p99), ours_cpu = await cpu_of(ours, paced(ours_target, streams))
+                (bare_share, bare_p99), bare_cpu = await cpu_of(bare, paced(bare_target, streams))
                 row("tokens delivered on time (%)", ours_share * 100, bare_share * 100, "%")
                 row("p99 token delay", ours_p99, bare_p99, "ms", "lower")
+                to_us = 1e6 / (streams * PACED_TOKENS)
+                row(
+                    "server CPU per token, all in",
+                    ours_cpu * to_us,
+                    bare_cpu * to_us,
+                    "us",
+                    "lower",
+                )
+            # What each answer costs apart from its tokens: 1,000 answers of one token each.
+            _, ours_cpu = await cpu_of(ours, paced(ours_target, 1000, tokens=1))
+            _, bare_cpu = await cpu_of(bare, paced(bare_target, 1000, tokens=1))
+            to_ms = 1000 / 1000  # seconds for 1,000 answers -> ms per answer
+            row(
+                "server CPU per answer (1 token)", ours_cpu * to_ms, bare_cpu * to_ms, "ms", "lower"
+            )
         if "ttft" in scenarios:
             print("time to first token on an open socket (target added <= 2 ms p50, <= 10 ms p99)")
             bare_ttft = await ttft(bare_target)
