@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -65,8 +66,6 @@ def pin_client() -> None:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -97,8 +96,6 @@ class Server:
 
 
 def _wait_port(port: int, timeout: float = 60) -> None:
-    import socket
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
@@ -243,10 +240,12 @@ class Target:
         conversation = self.conversations[index % len(self.conversations)]
         return f"ws://127.0.0.1:{self.port}/chat/ws/{conversation}?token={self.token}"
 
-    def request(self, tokens: int, delay_ms: int) -> str:
+    def request(self, tokens: int, delay_ms: int, *, word: str | None = None) -> str:
+        """Ask for `tokens` pieces, each a word of the fake's sentence (or `word`, repeated)."""
         if not self.is_helpline:
             return orjson.dumps({"tokens": tokens, "delay_ms": delay_ms}).decode()
-        content = f"go [[tokens={tokens} delay_ms={delay_ms}]]"
+        reply = f' reply="{word}"' if word else ""
+        content = f"go [[tokens={tokens} delay_ms={delay_ms}{reply}]]"
         return orjson.dumps(
             {"type": "chat", "content": content, "message_id": uuid.uuid4().hex}
         ).decode()
@@ -359,25 +358,33 @@ async def idle_memory(server: Server, target: Target, count: int, deflate: bool)
 
 
 async def slow_consumer(target: Target, stuck: bool, tokens: int = 20000) -> tuple[float, str]:
-    """Ten sockets on one conversation; the first sends, the last never reads (when `stuck`)."""
-    pairs = await open_streams(target, 10, tokens)
+    """Ten sockets on one conversation; the first sends, the last never reads (when `stuck`).
+
+    The stuck socket has a small receive buffer and the pieces are 250 characters (5 MB in
+    all): on loopback the kernel buffers MBs for a socket that never reads (the sender's
+    buffer alone grows to 4 MB), and the server would never see a smaller answer stuck.
+    """
+    pairs = await open_streams(target, 9, tokens)
+    last = Stream(tokens_wanted=tokens)
+    last_client = await connect(target.url(9), last.on_text, receive_buffer=4096 if stuck else None)
+    pairs.append((last_client, last))
+    await asyncio.sleep(0.2)  # subscribed before the answer starts
     if stuck:
-        pairs[-1][0].pause()
+        last_client.pause()
     readers = pairs[:-1] if stuck else pairs
     started = time.perf_counter()
     for _, stream in pairs:
         stream.sent_at = started
-    pairs[0][0].send_text(target.request(tokens, 0))
+    pairs[0][0].send_text(target.request(tokens, 0, word="x" * 250))
     await asyncio.wait_for(asyncio.gather(*(s.done.wait() for _, s in readers)), 120)
     elapsed = max(s.finished_at for _, s in readers) - started
     complete = all(s.received == tokens for _, s in readers)
     ending = "n/a"
     if stuck:
-        client = pairs[-1][0]
         await asyncio.sleep(3.0)  # past the send timeout
-        client.resume()
+        last_client.resume()
         try:
-            code = await asyncio.wait_for(client.closed, 10)
+            code = await asyncio.wait_for(last_client.closed, 10)
             ending = f"closed with {code}"
         except TimeoutError:
             ending = "still open"
@@ -470,9 +477,10 @@ async def streaming_scenarios(scenarios: list[str], data: Path, database_url: st
             print_ttft("PostgreSQL", await ttft(ours_target), bare_ttft)
         if "slow" in scenarios:
             print("slow consumer: 10 sockets on one conversation, 20,000 tokens")
-            single = Target(ours.port, token, conversations[:1])
-            all_read, _ = await slow_consumer(single, stuck=False)
-            one_stuck, outcome = await slow_consumer(single, stuck=True)
+            # Fresh conversations: an earlier answer of 5 MB would be in the next one's history.
+            owner, fresh = await make_conversations(ours.port, 2)
+            all_read, _ = await slow_consumer(Target(ours.port, owner, fresh[:1]), False)
+            one_stuck, outcome = await slow_consumer(Target(ours.port, owner, fresh[1:]), True)
             row(
                 "time for the nine readers (one stuck / none)",
                 one_stuck,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import socket
 import struct
 import time
 import zlib
@@ -143,13 +144,22 @@ class WsClient(asyncio.Protocol):
             self.transport.close()
 
 
-async def connect(url: str, on_text: TextHandler, *, deflate: bool = False) -> WsClient:
+async def connect(
+    url: str, on_text: TextHandler, *, deflate: bool = False, receive_buffer: int | None = None
+) -> WsClient:
+    """Open a WebSocket; `receive_buffer` sets the socket's before it connects (it then stays
+    that small: the kernel's autotuning would let a client that never reads take MBs)."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, (host, port))
     _, client = await loop.create_connection(
-        lambda: WsClient(on_text=on_text, deflate=deflate), host, port
+        lambda: WsClient(on_text=on_text, deflate=deflate), sock=sock
     )
     key = base64.b64encode(os.urandom(16)).decode()
     request = (
