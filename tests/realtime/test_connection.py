@@ -166,6 +166,21 @@ async def test_a_replay_after_what_was_taken_keeps_the_frames_still_queued() -> 
     assert [f.seq for f in frames] == sorted({f.seq for f in frames})
 
 
+async def test_live_frames_held_before_a_replay_of_the_final_frame_alone_are_kept() -> None:
+    """The log was empty when read and the answer ended during the database read: the replay
+    is its stored final frame, the text came live meanwhile."""
+    queue = FrameQueue(64)
+    queue.hold(str(ANSWER), after_seq=0)
+    queue.put(token(1))
+    queue.put(token(2))
+    queue.put(complete(3))
+    queue.release(str(ANSWER), [complete(3)])
+    frames = await take_all(queue)
+    assert text_of(frames) == "Hello there"
+    assert [f.type for f in frames] == ["token", "complete"]  # the two pieces merged, once
+    assert frames[-1].seq == 3
+
+
 async def test_release_of_a_replay_that_has_everything_drops_the_held_duplicates() -> None:
     queue = FrameQueue(64)
     queue.hold(str(ANSWER), after_seq=0)

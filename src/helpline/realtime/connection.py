@@ -205,11 +205,15 @@ class FrameQueue:
             self._items = kept
 
     def release(self, message_id: str, replayed: list[Frame]) -> None:
-        """Queue the replayed frames, then the live ones that arrived meanwhile, in `seq` order."""
+        """Queue the replayed frames and the live ones that arrived meanwhile, in `seq` order,
+        each `seq` once (a replayed frame first).
+
+        The two overlap either way: the live frames may start before the replay ends, or come
+        from before it — a replay of a finished answer is its stored final frame alone, when the
+        answer ended while its log was being read.
+        """
         held = self._held.pop(message_id, [])
-        for frame in replayed:
-            self.put(frame)
-        for frame in held:
+        for frame in sorted([*replayed, *held], key=lambda frame: frame.seq or 0):
             self.put(frame)
 
     def taken_seq(self, message_id: str) -> int:
