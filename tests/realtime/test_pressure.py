@@ -20,6 +20,41 @@ async def test_an_idle_loop_is_not_behind() -> None:
     try:
         await asyncio.sleep(0.05)
         assert not monitor.behind
+        assert monitor.busy < 0.5
+    finally:
+        await monitor.stop()
+
+
+async def test_a_loop_kept_full_of_short_callbacks_is_behind() -> None:
+    """Timers run on time (each callback is short), but the loop has no time to spare.
+
+    (A low threshold: on a machine shared with other tests the loop's thread gets only part of
+    a core, however busy it is.)"""
+    monitor = LoopLagMonitor(sample_every_s=0.01, busy_after=0.3)
+    monitor.start()
+    seen_busy = False
+
+    async def churn() -> None:
+        deadline = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            spin_until = time.thread_time() + 0.0005  # half a millisecond of CPU, then yield
+            while time.thread_time() < spin_until:
+                pass
+            await asyncio.sleep(0)
+
+    async def watch() -> None:
+        nonlocal seen_busy
+        while not seen_busy:
+            seen_busy = monitor.behind and monitor.lag_s <= monitor.behind_after_s
+            await asyncio.sleep(0.001)
+
+    try:
+        await asyncio.sleep(0.02)
+        watcher = asyncio.create_task(watch())
+        await churn()
+        watcher.cancel()
+        assert seen_busy
+        await eventually(lambda: not monitor.behind, within=10.0)
     finally:
         await monitor.stop()
 

@@ -55,7 +55,7 @@ Outcome = Literal["complete", "cancelled", "failed"]
 
 # While the process is behind, an answer's pieces gather this long before they are published
 # (the first piece never waits)...
-COALESCE_PIECES_S = 0.02
+COALESCE_PIECES_S = 0.05
 COALESCE_MAX_CHARS = 4 * 1024  # ...into events of at most this much text (or one piece).
 
 

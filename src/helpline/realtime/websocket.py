@@ -63,7 +63,8 @@ EXPIRY_SWEEP_S = 1.0
 CLOSE_ALL_WAIT_S = 5.0
 CLOSE_FRAME_WAIT_S = 5.0
 # While the process is behind (`helpline.realtime.pressure`), a socket lets an answer's pieces
-# gather this long after sending one, so that the same text goes out in fewer, larger frames.
+# gather this long after sending one, so that the same text goes out in fewer, larger frames —
+# unless whole frames are waiting already: a pause per frame would cap a socket's throughput.
 COALESCE_FRAMES_S = 0.04
 
 
@@ -338,7 +339,7 @@ class ChatConnection:
                     await websocket.send_text(frame.encoded())
                 self._count_sent(frame)
                 streaming = frame.type == "token"
-                if streaming and loop_lag.behind:
+                if streaming and len(queue) < 2 and loop_lag.behind:
                     await asyncio.sleep(COALESCE_FRAMES_S)
         except (SlowConsumer, TimeoutError):
             self.close_slow_consumer()
