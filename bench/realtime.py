@@ -357,12 +357,13 @@ async def idle_memory(server: Server, target: Target, count: int, deflate: bool)
     return (after - before) / count
 
 
-async def slow_consumer(target: Target, stuck: bool, tokens: int = 20000) -> tuple[float, str]:
+async def slow_consumer(target: Target, stuck: bool, tokens: int = 5000) -> tuple[float, str]:
     """Ten sockets on one conversation; the first sends, the last never reads (when `stuck`).
 
-    The stuck socket has a small receive buffer and the pieces are 250 characters (5 MB in
-    all): on loopback the kernel buffers MBs for a socket that never reads (the sender's
-    buffer alone grows to 4 MB), and the server would never see a smaller answer stuck.
+    A 5 MB answer (pieces of 1,000 characters, one a millisecond) and a stuck socket with a
+    small receive buffer: on loopback the kernel buffers MBs for a socket that never reads
+    (the sender's buffer alone grows to 4 MB), and the server would never see a smaller answer
+    stuck. Paced so that the nine readers, all in this one process, can keep up.
     """
     pairs = await open_streams(target, 9, tokens)
     last = Stream(tokens_wanted=tokens)
@@ -375,7 +376,7 @@ async def slow_consumer(target: Target, stuck: bool, tokens: int = 20000) -> tup
     started = time.perf_counter()
     for _, stream in pairs:
         stream.sent_at = started
-    pairs[0][0].send_text(target.request(tokens, 0, word="x" * 250))
+    pairs[0][0].send_text(target.request(tokens, 1, word="x" * 1000))
     await asyncio.wait_for(asyncio.gather(*(s.done.wait() for _, s in readers)), 120)
     elapsed = max(s.finished_at for _, s in readers) - started
     complete = all(s.received == tokens for _, s in readers)
@@ -476,7 +477,7 @@ async def streaming_scenarios(scenarios: list[str], data: Path, database_url: st
             bare_ttft = await ttft(bare_target)
             print_ttft("PostgreSQL", await ttft(ours_target), bare_ttft)
         if "slow" in scenarios:
-            print("slow consumer: 10 sockets on one conversation, 20,000 tokens")
+            print("slow consumer: 10 sockets on one conversation, 5,000 tokens of 1,000 chars")
             # Fresh conversations: an earlier answer of 5 MB would be in the next one's history.
             owner, fresh = await make_conversations(ours.port, 2)
             all_read, _ = await slow_consumer(Target(ours.port, owner, fresh[:1]), False)
