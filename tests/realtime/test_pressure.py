@@ -15,14 +15,19 @@ def hog_the_loop() -> None:
 
 
 async def test_an_idle_loop_is_not_behind() -> None:
+    """Not behind, but for a reading now and then on a machine shared with other tests (the
+    process descheduled for a few ms, or a garbage collection, looks like a late loop)."""
     monitor = LoopLagMonitor(sample_every_s=0.005)
     monitor.start()
+    readings: list[tuple[bool, float]] = []
     try:
-        await asyncio.sleep(0.05)
-        assert not monitor.behind
-        assert monitor.busy < 0.5
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+            readings.append((monitor.behind, monitor.busy))
     finally:
         await monitor.stop()
+    assert [behind for behind, _ in readings].count(True) <= 5
+    assert sorted(busy for _, busy in readings)[10] < 0.5  # the median reading
 
 
 async def test_a_loop_kept_full_of_short_callbacks_is_behind() -> None:
