@@ -16,8 +16,10 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal_column,
     or_,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -215,33 +217,38 @@ class SendContext:
     same_client_id: uuid.UUID | None  # an earlier send with this `client_message_id`
 
 
-_SEND_CONTEXT = (
-    select(
-        _messages.c.id,
-        _messages.c.role,
-        _messages.c.status,
-        _messages.c.content,
-        _messages.c.token_count,
-        _messages.c.client_message_id,
-        _messages.c.created_at,
-    )
-    .where(
-        _IN_CONVERSATION,
-        or_(
-            _messages.c.id.in_(
-                select(_messages.c.id)
-                .where(_IN_CONVERSATION)
-                .order_by(*_NEWEST_FIRST)
-                .limit(bindparam("recent_limit"))
-                .scalar_subquery()
-            ),
-            (_messages.c.role == MessageRole.ASSISTANT)
-            & (_messages.c.status == MessageStatus.STREAMING),
-            # NULL (no client id) matches nothing.
-            _messages.c.client_message_id == bindparam("client_message_id"),
-        ),
-    )
+_CONTEXT_COLUMNS = (
+    _messages.c.id,
+    _messages.c.role,
+    _messages.c.status,
+    _messages.c.content,
+    _messages.c.token_count,
+    _messages.c.client_message_id,
+    _messages.c.created_at,
+)
+_RECENT = (
+    select(*_CONTEXT_COLUMNS)
+    .where(_IN_CONVERSATION)
     .order_by(*_NEWEST_FIRST)
+    .limit(bindparam("recent_limit"))
+    .subquery()
+)
+_RECENT_PART, _STREAMING_PART, _SAME_CLIENT_ID_PART = 0, 1, 2
+# Three lookups, each on an index of its own (one `OR` of them filtered every message of the
+# conversation: a send got slower as the conversation grew).
+_SEND_CONTEXT = union_all(
+    select(literal_column(str(_RECENT_PART)).label("part"), *_RECENT.c),
+    select(literal_column(str(_STREAMING_PART)).label("part"), *_CONTEXT_COLUMNS).where(
+        _IN_CONVERSATION,
+        # Inline, not bound: a prepared plan uses the partial index only for its very predicate.
+        _messages.c.status == literal_column(f"'{MessageStatus.STREAMING.value}'"),
+        _messages.c.role == MessageRole.ASSISTANT,
+    ),
+    select(literal_column(str(_SAME_CLIENT_ID_PART)).label("part"), *_CONTEXT_COLUMNS).where(
+        # NULL (no client id) matches nothing.
+        _IN_CONVERSATION,
+        _messages.c.client_message_id == bindparam("client_message_id"),
+    ),
 )
 
 
@@ -264,26 +271,22 @@ async def send_context(
             },
         )
     ).all()
-    streaming = next(
-        (
-            row.id
-            for row in rows
-            if row.role == MessageRole.ASSISTANT and row.status == MessageStatus.STREAMING
-        ),
-        None,
+
+    def first_id(part: int) -> uuid.UUID | None:
+        return next((row.id for row in rows if row.part == part), None)
+
+    recent_rows = sorted(
+        (row for row in rows if row.part == _RECENT_PART), key=lambda row: (row.created_at, row.id)
     )
-    same_client_id = (
-        None
-        if client_message_id is None
-        else next((row.id for row in rows if row.client_message_id == client_message_id), None)
-    )
-    # Newest first: the recent ones lead; older rows here are the streaming answer or the
-    # earlier send, which are not part of the history unless they are recent.
     recent = [
         HistoryMessage(row.role, row.content, row.token_count, row.created_at)
-        for row in reversed(rows[:recent_limit])
+        for row in recent_rows
     ]
-    return SendContext(recent=recent, streaming_answer_id=streaming, same_client_id=same_client_id)
+    return SendContext(
+        recent=recent,
+        streaming_answer_id=first_id(_STREAMING_PART),
+        same_client_id=first_id(_SAME_CLIENT_ID_PART),
+    )
 
 
 _INSERT_MESSAGE = insert(_messages)
