@@ -9,22 +9,25 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     ColumnElement,
     Row,
     Table,
     bindparam,
+    case,
     delete,
     func,
     insert,
     literal_column,
     or_,
     select,
+    true,
     union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from helpline.conversations.models import (
     Conversation,
@@ -487,3 +490,121 @@ async def save_summary(
         .values(summary=summary, summary_until=until)
     )
     return bool(getattr(result, "rowcount", 0))
+
+
+# -- an answer's result in one statement (PostgreSQL) -----------------------------------------
+
+# The columns a result sets, each from a parameter of the same name with `new_` before it.
+_RESULT_COLUMNS = (
+    "content",
+    "status",
+    "token_count",
+    "completion_tokens",
+    "usage_estimated",
+    "sources",
+    "last_seq",
+    "error_code",
+    "updated_at",
+)
+
+
+def _store_result_statement() -> Any:
+    """The message's final state, the conversation's activity and the usage charge, as one
+    statement of data-modifying `WITH` clauses: one round trip, no transaction around it.
+
+    Each clause sees the rows as they were before the statement: the memory sum leaves the
+    answer out (still `streaming` there) and adds its tokens itself.
+    """
+    values: dict[str, Any] = {
+        name: bindparam(f"new_{name}", type_=_messages.c[name].type) for name in _RESULT_COLUMNS
+    }
+    # Kept unless the provider reported them.
+    values["prompt_tokens"] = func.coalesce(
+        bindparam("new_prompt_tokens", type_=_messages.c.prompt_tokens.type),
+        _messages.c.prompt_tokens,
+    )
+    values["model"] = func.coalesce(
+        bindparam("new_model", type_=_messages.c.model.type), _messages.c.model
+    )
+    finished = (
+        update(_messages)
+        .where(
+            _messages.c.id == bindparam("message_id"),
+            _messages.c.status == MessageStatus.STREAMING,
+        )
+        .values(values)
+        .returning(*_messages.c)
+        .cte("finished")
+    )
+    memory_tokens = (
+        select(func.coalesce(func.sum(_messages.c.token_count), 0))
+        .where(
+            *_memory_conditions(_conversations.c.id, None),
+            or_(
+                _conversations.c.summary_until.is_(None),
+                _messages.c.created_at > _conversations.c.summary_until,
+            ),
+        )
+        .correlate(_conversations)
+        .scalar_subquery()
+    )
+    touched = (
+        update(_conversations)
+        .where(_conversations.c.id == select(finished.c.conversation_id).scalar_subquery())
+        .values(
+            updated_at=bindparam("touched_at"),
+            first_answer_at=case(
+                (
+                    bindparam("answered", type_=Boolean),
+                    func.coalesce(_conversations.c.first_answer_at, bindparam("touched_at")),
+                ),
+                else_=_conversations.c.first_answer_at,
+            ),
+        )
+        .returning(_conversations.c.user_id, memory_tokens.label("memory_tokens"))
+        .cte("touched")
+    )
+    charge = postgresql_insert(_token_usage).from_select(
+        ["user_id", "day", "tokens"],
+        select(
+            touched.c.user_id,
+            bindparam("day", type_=_token_usage.c.day.type),
+            func.coalesce(finished.c.prompt_tokens, 0) + finished.c.completion_tokens,
+        ).select_from(finished.join(touched, true())),
+    )
+    charged = charge.on_conflict_do_update(
+        index_elements=[_token_usage.c.user_id, _token_usage.c.day],
+        set_={"tokens": _token_usage.c.tokens + charge.excluded.tokens},
+    ).cte("charged")
+    return (
+        select(
+            *finished.c,
+            touched.c.user_id.label("owner_id"),
+            (touched.c.memory_tokens + finished.c.token_count).label("memory_tokens"),
+        )
+        .select_from(finished.outerjoin(touched, true()))
+        .add_cte(charged)
+    )
+
+
+_STORE_RESULT = _store_result_statement()
+
+
+async def store_result_at_once(
+    connection: AsyncConnection,
+    *,
+    message_id: uuid.UUID,
+    values: dict[str, object],
+    moment: datetime,
+    answered: bool,
+    day: str,
+) -> Row[Any] | None:
+    """PostgreSQL: `finish_answer`, `touch_conversation` and `add_token_usage` in one statement
+    (run it in autocommit). The stored row with `owner_id` and `memory_tokens` (as
+    `TouchedConversation`; None when the conversation is gone), or None when the answer was
+    final already (or is gone)."""
+    params: dict[str, object] = {f"new_{name}": values.get(name) for name in _RESULT_COLUMNS}
+    params["new_prompt_tokens"] = values.get("prompt_tokens")
+    params["new_model"] = values.get("model")
+    params.update(message_id=message_id, touched_at=moment, answered=answered, day=day)
+    return (await connection.execute(_STORE_RESULT, params)).one_or_none()
