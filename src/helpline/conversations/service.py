@@ -820,13 +820,16 @@ class ConversationAnswerStore:
         return self._stored(row)
 
     @staticmethod
-    def _stored(message: Message | Row[Any]) -> StoredAnswer:
+    def _stored(message: Message | Row[Any], *, changed: bool = True) -> StoredAnswer:
+        """The stored answer as the engine reports it (`changed`: stored by this call)."""
         usage = Usage(
             prompt_tokens=message.prompt_tokens or 0,
             completion_tokens=message.completion_tokens or 0,
             estimated=message.usage_estimated,
         )
-        return StoredAnswer(message=message_json(message), usage=usage, reply_to=message.reply_to)
+        return StoredAnswer(
+            message=message_json(message), usage=usage, reply_to=message.reply_to, changed=changed
+        )
 
     @staticmethod
     async def _already_stored(session: AsyncSession, result: AnswerResult) -> StoredAnswer:
@@ -834,14 +837,7 @@ class ConversationAnswerStore:
         if message is None:  # the conversation was deleted meanwhile
             usage = result.usage or Usage(0, estimate_tokens(result.content), estimated=True)
             return StoredAnswer(message={}, usage=usage, reply_to=None, changed=False)
-        usage = Usage(
-            prompt_tokens=message.prompt_tokens or 0,
-            completion_tokens=message.completion_tokens or 0,
-            estimated=message.usage_estimated,
-        )
-        return StoredAnswer(
-            message=message_json(message), usage=usage, reply_to=message.reply_to, changed=False
-        )
+        return ConversationAnswerStore._stored(message, changed=False)
 
     def _summary_due(self, memory_tokens: int) -> bool:
         """Whether the verbatim part of the conversation's memory passed the budget."""
