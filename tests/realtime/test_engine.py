@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -25,7 +26,7 @@ from helpline.core.database import create_engine, create_sessionmaker, unit_of_w
 from helpline.core.errors import ShuttingDown
 from helpline.kit.models import utcnow
 from helpline.realtime.backends import create_memory_backends
-from helpline.realtime.engine import AnswerResult, GenerationEngine, lease_key
+from helpline.realtime.engine import AnswerJob, AnswerResult, GenerationEngine, lease_key
 from helpline.realtime.frames import Frame, token_frame
 from helpline.realtime.pressure import LoopLagMonitor
 from tests.conftest import _empty_tables_for
@@ -263,6 +264,26 @@ async def test_cancel_stops_the_provider_stream_and_keeps_the_partial_text(
     assert (await rig.message(sent.answer_id)).status == MessageStatus.CANCELLED
     assert rig.model.cancelled_streams == 1
     assert rig.model.active_streams == 0
+
+
+async def test_a_cancel_right_after_the_send_stores_the_answer_cancelled_without_the_model(
+    rig: Rig, customer: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop arrives before the answer's task first ran: it is stored, never left
+    `streaming`, and the model is not called."""
+    conversation_id = await rig.conversation(customer)
+    jobs: list[AnswerJob] = []
+    launch = rig.engine.launch
+    monkeypatch.setattr(rig.engine, "launch", jobs.append)
+    sent = await rig.send(customer, conversation_id, '[[reply="never said"]] q')
+    assert sent.answer_id is not None
+    launch(jobs[0])
+    await rig.engine.request_cancel(sent.answer_id)  # no await in between: the task is new
+    final = await rig.answer_ended(sent.answer_id)
+    assert final.type == "cancelled"
+    stored = await rig.message(sent.answer_id)
+    assert (stored.status, stored.content) == (MessageStatus.CANCELLED, "")
+    assert rig.model.requests == deque()
 
 
 async def test_queue_policy_answers_the_queued_question_after_the_current_one(

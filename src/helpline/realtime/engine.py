@@ -124,6 +124,7 @@ class RunningAnswer:
     pieces: list[str] = field(default_factory=list)
     cancel_requested: bool = False
     shutdown: bool = False
+    generating: bool = False  # the answerer runs: a stop cancels the task
     finishing: bool = False  # storing the result: no longer cancellable
     first_token_s: float | None = None
     message_id_text: str = ""  # the answer's id as frames carry it, formatted once
@@ -206,9 +207,9 @@ class GenerationEngine:
             log.info("engine.draining", answers=len(tasks))
             await asyncio.wait(tasks, timeout=max(0.0, deadline - loop.time()))
         for running in list(self.running.values()):
-            if running.task is not None and not running.finishing:
+            if not running.finishing:
                 running.shutdown = True
-                running.task.cancel()
+                self._interrupt(running)
         remaining = [r.task for r in self.running.values() if r.task is not None]
         if remaining:
             # Storing the partial answers is quick; bound it all the same.
@@ -265,8 +266,16 @@ class GenerationEngine:
         if command.get("kind") != "cancel":
             return
         running = self.running.get(uuid.UUID(str(command["message_id"])))
-        if running is not None and running.task is not None and not running.finishing:
+        if running is not None and not running.finishing:
             running.cancel_requested = True
+            self._interrupt(running)
+
+    @staticmethod
+    def _interrupt(running: RunningAnswer) -> None:
+        """Stop the answerer. Before it started (the task may not have run yet: a cancelled
+        task would end before storing anything), `_generate` sees the request and never
+        calls it."""
+        if running.generating and running.task is not None:
             running.task.cancel()
 
     async def _run(self, running: RunningAnswer) -> None:
@@ -332,7 +341,10 @@ class GenerationEngine:
             history=job.history,
             summary=job.summary,
         )
+        running.generating = True
         try:
+            if running.cancel_requested or running.shutdown:
+                raise asyncio.CancelledError  # stopped before the model was called
             async with closing_stream(self.answerer.answer(request)) as events:
                 async for event in events:
                     if isinstance(event, TextDelta):
