@@ -8,10 +8,12 @@ from datetime import timedelta
 
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from helpline.agents.providers.fake import FakeChatModel
+from helpline.agents.schemas import ChatMessage
+from helpline.agents.tokens import estimate_prompt_tokens
 from helpline.auth.models import User
 from helpline.conversations import service
 from helpline.conversations.exceptions import (
@@ -339,3 +341,75 @@ async def test_deleting_a_conversation_stops_its_answer(
         await service.delete_conversation(db, engine=engine, conversation=conversation)
     await eventually(lambda: model.cancelled_streams == 1 and not engine.running)
     assert await messages_of(sessionmaker, conversation.id) == []
+
+
+async def test_an_answer_starts_with_the_prompt_estimate_of_the_history_it_gets(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    session: AsyncSession,
+    engine: GenerationEngine,
+) -> None:
+    owner = await create_user(session)
+    conversation = await new_conversation(sessionmaker, owner)
+    for number in range(3):
+        await post(
+            sessionmaker, engine, owner, conversation.id, f'[[reply="Answer {number}."]] q{number}'
+        )
+        await eventually(lambda: finished(sessionmaker, conversation.id))
+    before = await messages_of(sessionmaker, conversation.id)
+    # The first exchange is folded into the running summary: it is not sent verbatim.
+    async with unit_of_work(sessionmaker) as db:
+        stored = await db.get(Conversation, conversation.id)
+        assert stored is not None
+        stored.summary = "They said hello."
+        stored.summary_until = before[1].created_at
+
+    question = "[[hang]] and now?"
+    sent = await post(sessionmaker, engine, owner, conversation.id, question)
+
+    # At the token counts stored with the messages (an answer's: what its provider reported).
+    verbatim = [
+        ChatMessage(
+            role="user" if m.role == "user" else "assistant",
+            content=m.content,
+            token_count=m.token_count,
+        )
+        for m in before[2:]
+    ]
+    expected = estimate_prompt_tokens([*verbatim, ChatMessage(role="user", content=question)])
+    assert sent.assistant_message is not None
+    assert sent.assistant_message.prompt_tokens == expected
+    async with sessionmaker() as db:
+        row = await db.get(Message, sent.assistant_message.id)
+        assert row is not None
+        assert (row.status, row.prompt_tokens) == (MessageStatus.STREAMING, expected)
+    await engine.request_cancel(sent.assistant_message.id)
+    await eventually(lambda: finished(sessionmaker, conversation.id))
+
+
+async def test_a_customer_send_is_one_statement_on_postgresql(
+    app: FastAPI,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    session: AsyncSession,
+    engine: GenerationEngine,
+) -> None:
+    """Touch, question, answer row and history in one round trip on PostgreSQL; SQLite runs
+    the transaction (lock, context, insert) under its write lock."""
+    owner = await create_user(session)
+    conversation = await new_conversation(sessionmaker, owner)
+    statements: list[str] = []
+
+    def record(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(statement)
+
+    database = app.state.engine.sync_engine
+    event.listen(database, "before_cursor_execute", record)
+    try:
+        sent = await post(sessionmaker, engine, owner, conversation.id, "[[hang]] hi", "c-1")
+    finally:
+        event.remove(database, "before_cursor_execute", record)
+    assert sent.created
+    expected = 1 if app.state.engine.dialect.name == "postgresql" else 3
+    assert len(statements) == expected, statements
+    assert sent.answer_id is not None
+    await engine.request_cancel(sent.answer_id)
+    await eventually(lambda: finished(sessionmaker, conversation.id))

@@ -13,9 +13,12 @@ from sqlalchemy import (
     ColumnElement,
     Row,
     Table,
+    and_,
     bindparam,
     case,
+    cast,
     delete,
+    exists,
     func,
     insert,
     literal_column,
@@ -29,6 +32,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from helpline.agents.tokens import TOKENS_PER_MESSAGE
 from helpline.conversations.models import (
     Conversation,
     ConversationStatus,
@@ -301,6 +305,158 @@ async def insert_messages(session: AsyncSession, messages: Sequence[Message]) ->
     await session.execute(
         _INSERT_MESSAGE,
         [{key: getattr(message, key) for key in columns} for message in messages],
+    )
+
+
+def _send_at_once_statement() -> Any:
+    """PostgreSQL: the common send (a customer's message in an `open` conversation with no answer
+    streaming and a new client id) as one statement of data-modifying `WITH` clauses, run in
+    autocommit: the conversation touched, the question and the `streaming` answer inserted, and
+    the history the answer needs read, in one round trip.
+
+    `claimed` is the lock (`UPDATE`, which waits for a concurrent send and then checks its
+    conditions against the row as that send left it). The `NOT EXISTS` checks see the rows as
+    they were when the statement began: a send that committed while this one waited for the
+    lock is caught by the unique constraints instead (client id, one streaming answer), which
+    fail the whole statement. Nothing matched or a constraint failed: nothing was written, and
+    the caller takes the transactional path, which tells why.
+    """
+    conversation_id = bindparam("conversation_id", type_=_conversations.c.id.type)
+    in_conversation = _messages.c.conversation_id == conversation_id
+    claimed = (
+        update(_conversations)
+        .where(
+            _conversations.c.id == conversation_id,
+            _conversations.c.user_id == bindparam("author_id", type_=_conversations.c.user_id.type),
+            _conversations.c.status == ConversationStatus.OPEN,
+            ~exists().where(
+                in_conversation,
+                _messages.c.status == literal_column(f"'{MessageStatus.STREAMING.value}'"),
+                _messages.c.role == MessageRole.ASSISTANT,
+            ),
+            ~exists().where(
+                in_conversation,
+                _messages.c.client_message_id == bindparam("client_message_id"),
+            ),
+        )
+        .values(updated_at=bindparam("touch"))
+        .returning(_conversations.c.summary, _conversations.c.summary_until)
+        .cte("claimed")
+    )
+    recent = (
+        select(*_CONTEXT_COLUMNS)
+        .where(in_conversation)
+        .order_by(*_NEWEST_FIRST)
+        .limit(bindparam("recent_limit"))
+        .cte("recent")
+    )
+    # The answer's prompt estimate, as `_history` and `estimate_prompt_tokens` count it: the
+    # recent exchange after the summary, at its stored token counts (the question's and the
+    # reply's priming come in `answer_prompt_base`).
+    history_tokens = (
+        select(func.coalesce(func.sum(recent.c.token_count + TOKENS_PER_MESSAGE), 0))
+        .where(
+            or_(
+                recent.c.role == MessageRole.USER,
+                and_(
+                    recent.c.role.in_((MessageRole.ASSISTANT, MessageRole.AGENT)),
+                    recent.c.content != "",
+                ),
+            ),
+            or_(claimed.c.summary_until.is_(None), recent.c.created_at > claimed.c.summary_until),
+        )
+        .scalar_subquery()
+    )
+    columns = list(_messages.columns)
+
+    def row(prefix: str) -> list[ColumnElement[Any]]:
+        return [
+            cast(bindparam(f"{prefix}_{column.key}", type_=column.type), column.type)
+            for column in columns
+        ]
+
+    answer = row("answer")
+    prompt_index = [column.key for column in columns].index("prompt_tokens")
+    answer[prompt_index] = bindparam("answer_prompt_base") + history_tokens
+    inserted = (
+        insert(_messages)
+        .from_select(
+            [column.key for column in columns],
+            union_all(
+                select(*row("question")).select_from(claimed),
+                select(*answer).select_from(claimed),
+            ),
+        )
+        .returning(_messages.c.id, _messages.c.prompt_tokens)
+        .cte("inserted")
+    )
+    answer_prompt = (
+        select(inserted.c.prompt_tokens)
+        .where(inserted.c.id == bindparam("answer_id", type_=_messages.c.id.type))
+        .scalar_subquery()
+    )
+    return select(
+        claimed.c.summary,
+        claimed.c.summary_until,
+        answer_prompt.label("answer_prompt_tokens"),
+        *recent.c,
+    ).select_from(claimed.outerjoin(recent, true()))
+
+
+_SEND_AT_ONCE = _send_at_once_statement()
+
+
+@dataclass(frozen=True, slots=True)
+class SentAtOnce:
+    """What `send_at_once` read and stored."""
+
+    summary: str | None
+    summary_until: datetime | None
+    recent: Sequence[HistoryMessage]  # the last messages before the question, oldest first
+    answer_prompt_tokens: int
+
+
+async def send_at_once(
+    connection: AsyncConnection,
+    *,
+    conversation_id: uuid.UUID,
+    author_id: uuid.UUID,
+    client_message_id: str | None,
+    question: Message,
+    answer: Message,
+    answer_prompt_base: int,
+    recent_limit: int,
+) -> SentAtOnce | None:
+    """PostgreSQL, in autocommit: see `_send_at_once_statement`. None when nothing was stored
+    because the send is not the common case; a unique constraint's `IntegrityError` when a
+    concurrent send got there first."""
+    params: dict[str, object] = {
+        "conversation_id": conversation_id,
+        "author_id": author_id,
+        "client_message_id": client_message_id,
+        "touch": question.created_at,
+        "recent_limit": recent_limit,
+        "answer_prompt_base": answer_prompt_base,
+        "answer_id": answer.id,
+    }
+    for column in _messages.columns:
+        params[f"question_{column.key}"] = getattr(question, column.key)
+        params[f"answer_{column.key}"] = getattr(answer, column.key)
+    rows = (await connection.execute(_SEND_AT_ONCE, params)).all()
+    if not rows:
+        return None
+    first = rows[0]
+    history = sorted(
+        (row for row in rows if row.id is not None), key=lambda row: (row.created_at, row.id)
+    )
+    return SentAtOnce(
+        summary=first.summary,
+        summary_until=first.summary_until,
+        recent=[
+            HistoryMessage(row.role, row.content, row.token_count, row.created_at)
+            for row in history
+        ],
+        answer_prompt_tokens=first.answer_prompt_tokens,
     )
 
 

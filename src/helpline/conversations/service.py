@@ -17,12 +17,17 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from sqlalchemy import Row
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from helpline.agents.memory import SUMMARY_JOB
 from helpline.agents.schemas import ChatMessage, Usage
-from helpline.agents.tokens import estimate_prompt_tokens, estimate_tokens
+from helpline.agents.tokens import (
+    estimate_message_tokens,
+    estimate_prompt_tokens,
+    estimate_tokens,
+)
 from helpline.auth import service as auth_service
 from helpline.auth.models import User, UserRole
 from helpline.auth.principal import Actor
@@ -201,6 +206,90 @@ async def _replay(session: AsyncSession, existing: Message, content: str) -> Sen
     return SendResult(user_message=existing, assistant_message=reply, created=False)
 
 
+def _new_question(
+    *,
+    conversation_id: uuid.UUID,
+    author: Actor,
+    role: MessageRole,
+    content: str,
+    client_message_id: str | None,
+    now: datetime,
+) -> Message:
+    return new_row(
+        Message,
+        conversation_id=conversation_id,
+        role=role,
+        content=content,
+        author_id=author.id,
+        client_message_id=client_message_id,
+        status=MessageStatus.COMPLETE,
+        token_count=estimate_tokens(content),
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def _new_answer(*, model: str, question: Message, prompt_tokens: int | None) -> Message:
+    """The `streaming` answer row to `question` (the caller checked, under the lock, that no
+    other answer streams)."""
+    # Strictly after the question, so "oldest first" never puts the answer before it.
+    started_at = question.created_at + timedelta(microseconds=1)
+    return new_row(
+        Message,
+        conversation_id=question.conversation_id,
+        role=MessageRole.ASSISTANT,
+        content="",
+        status=MessageStatus.STREAMING,
+        reply_to_message_id=question.id,
+        reply_to=question.client_message_id or str(question.id),
+        prompt_tokens=prompt_tokens,
+        usage_estimated=True,
+        model=model,
+        created_at=started_at,
+        updated_at=started_at,
+    )
+
+
+def _history_since(
+    prior: Sequence[HistoryMessage | Message], summary_until: datetime | None
+) -> tuple[ChatMessage, ...]:
+    """The history an answer gets verbatim: what the running summary does not hold."""
+    if summary_until is not None:
+        prior = [message for message in prior if message.created_at > summary_until]
+    return _history(prior)
+
+
+def _answer_job(
+    *,
+    user_id: uuid.UUID,
+    summary: str | None,
+    question: Message,
+    answer: Message,
+    history: tuple[ChatMessage, ...],
+) -> AnswerJob:
+    return AnswerJob(
+        conversation_id=question.conversation_id,
+        user_id=user_id,
+        user_message_id=question.id,
+        assistant_message_id=answer.id,
+        reply_to=answer.reply_to or str(question.id),
+        question=question.content,
+        history=history,
+        summary=summary,
+    )
+
+
+def _question_prompt_tokens(question: Message) -> int:
+    """The prompt an answer to `question` starts from: the question and the reply's priming."""
+    return estimate_prompt_tokens(
+        [
+            ChatMessage(
+                role="user", content=question.content, token_count=question.token_count or None
+            )
+        ]
+    )
+
+
 def _plan_answer(
     *,
     model: str,
@@ -208,42 +297,18 @@ def _plan_answer(
     question: Message,
     prior: Sequence[HistoryMessage | Message],
 ) -> tuple[Message, AnswerJob]:
-    """The `streaming` answer row to insert (the caller checked, under the lock, that none is)
-    and the job that answers."""
-    if conversation.summary_until is not None:
-        # Folded into the running summary, which the answer gets instead.
-        until = conversation.summary_until
-        prior = [message for message in prior if message.created_at > until]
-    history = _history(prior)
-    reply_to = question.client_message_id or str(question.id)
-    prompt_estimate = estimate_prompt_tokens(
-        [*history, ChatMessage(role="user", content=question.content)]
+    """The `streaming` answer row to insert and the job that answers."""
+    history = _history_since(prior, conversation.summary_until)
+    prompt_estimate = _question_prompt_tokens(question) + sum(
+        estimate_message_tokens(message) for message in history
     )
-    # Strictly after the question, so "oldest first" never puts the answer before it.
-    started_at = question.created_at + timedelta(microseconds=1)
-    answer = new_row(
-        Message,
-        conversation_id=conversation.id,
-        role=MessageRole.ASSISTANT,
-        content="",
-        status=MessageStatus.STREAMING,
-        reply_to_message_id=question.id,
-        reply_to=reply_to,
-        prompt_tokens=prompt_estimate,
-        usage_estimated=True,
-        model=model,
-        created_at=started_at,
-        updated_at=started_at,
-    )
-    job = AnswerJob(
-        conversation_id=conversation.id,
+    answer = _new_answer(model=model, question=question, prompt_tokens=prompt_estimate)
+    job = _answer_job(
         user_id=conversation.user_id,
-        user_message_id=question.id,
-        assistant_message_id=answer.id,
-        reply_to=reply_to,
-        question=question.content,
-        history=history,
         summary=conversation.summary,
+        question=question,
+        answer=answer,
+        history=history,
     )
     return answer, job
 
@@ -300,17 +365,13 @@ async def send_message(
                 raise GenerationInProgress()
             ai_answers = False
 
-    question = new_row(
-        Message,
+    question = _new_question(
         conversation_id=conversation.id,
+        author=author,
         role=role,
         content=content,
-        author_id=author.id,
         client_message_id=client_message_id,
-        status=MessageStatus.COMPLETE,
-        token_count=estimate_tokens(content),
-        created_at=now,
-        updated_at=now,
+        now=now,
     )
     answer: Message | None = None
     job: AnswerJob | None = None
@@ -363,6 +424,18 @@ async def post_message(
     For streaming callers (SSE, WebSocket, the waiting REST send), which follow the answer after
     the commit and must not hold a request's session while they do.
     """
+    database: AsyncEngine = sessionmaker.kw["bind"]
+    if database.dialect.name == "postgresql" and engine.accepting:
+        sent = await _send_at_once(
+            database,
+            engine=engine,
+            author=author,
+            conversation_id=conversation_id,
+            content=content,
+            client_message_id=client_message_id,
+        )
+        if sent is not None:
+            return sent
     async with unit_of_work(sessionmaker) as session:
         now = utcnow()
         conversation = await get_conversation(
@@ -378,6 +451,57 @@ async def post_message(
             client_message_id=client_message_id,
             locked_at=now,
         )
+
+
+async def _send_at_once(
+    database: AsyncEngine,
+    *,
+    engine: GenerationEngine,
+    author: Actor,
+    conversation_id: uuid.UUID,
+    content: str,
+    client_message_id: str | None,
+) -> SendResult | None:
+    """PostgreSQL: the common send in one statement and one round trip, in autocommit (a
+    transaction is four: `bench/answer_db.py`). None when it is not the common case (or a
+    concurrent send got there first): nothing was stored, and `send_message` tells why."""
+    question = _new_question(
+        conversation_id=conversation_id,
+        author=author,
+        role=MessageRole.USER,
+        content=content,
+        client_message_id=client_message_id,
+        now=utcnow(),
+    )
+    answer = _new_answer(model=engine.answerer.model, question=question, prompt_tokens=None)
+    try:
+        async with database.connect() as connection:
+            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            sent = await repository.send_at_once(
+                autocommit,
+                conversation_id=conversation_id,
+                author_id=author.id,
+                client_message_id=client_message_id,
+                question=question,
+                answer=answer,
+                answer_prompt_base=_question_prompt_tokens(question),
+                recent_limit=HISTORY_MESSAGES,
+            )
+    except IntegrityError:
+        return None
+    if sent is None:
+        return None
+    answer.prompt_tokens = sent.answer_prompt_tokens
+    job = _answer_job(
+        user_id=author.id,
+        summary=sent.summary,
+        question=question,
+        answer=answer,
+        history=_history_since(sent.recent, sent.summary_until),
+    )
+    await engine.publish(message_frame(conversation_id, message_json(question)))
+    engine.launch(job)
+    return SendResult(user_message=question, assistant_message=answer, created=True)
 
 
 async def cancel_answer(
