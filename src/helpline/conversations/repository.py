@@ -8,15 +8,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import (
+    JSON,
     Boolean,
     ColumnElement,
     Row,
     Table,
+    Text,
     and_,
     bindparam,
     case,
     cast,
+    column,
     delete,
     exists,
     func,
@@ -367,33 +371,39 @@ def _send_at_once_statement() -> Any:
         )
         .scalar_subquery()
     )
-    columns = list(_messages.columns)
-
-    def row(prefix: str) -> list[ColumnElement[Any]]:
-        return [
-            cast(bindparam(f"{prefix}_{column.key}", type_=column.type), column.type)
-            for column in columns
-        ]
-
-    answer = row("answer")
-    prompt_index = [column.key for column in columns].index("prompt_tokens")
-    answer[prompt_index] = bindparam("answer_prompt_base") + history_tokens
+    # The two rows come as one JSON parameter, read as `messages` records: two parameters
+    # for each column of each row cost more CPU than the rest of the statement.
+    records = (
+        func.json_populate_recordset(
+            literal_column(f"NULL::{_messages.name}"), cast(bindparam("rows", type_=Text), JSON)
+        )
+        .table_valued(*(column(c.key, c.type) for c in _messages.columns))
+        .alias("record")
+    )
+    answer_id = bindparam("answer_id", type_=_messages.c.id.type)
     inserted = (
         insert(_messages)
         .from_select(
-            [column.key for column in columns],
-            union_all(
-                select(*row("question")).select_from(claimed),
-                select(*answer).select_from(claimed),
-            ),
+            [c.key for c in _messages.columns],
+            select(
+                *(
+                    case(
+                        (
+                            records.c.id == answer_id,
+                            bindparam("answer_prompt_base") + history_tokens,
+                        )
+                    )
+                    if c.key == "prompt_tokens"
+                    else records.c[c.key]
+                    for c in _messages.columns
+                )
+            ).select_from(claimed.join(records, true())),
         )
         .returning(_messages.c.id, _messages.c.prompt_tokens)
         .cte("inserted")
     )
     answer_prompt = (
-        select(inserted.c.prompt_tokens)
-        .where(inserted.c.id == bindparam("answer_id", type_=_messages.c.id.type))
-        .scalar_subquery()
+        select(inserted.c.prompt_tokens).where(inserted.c.id == answer_id).scalar_subquery()
     )
     return select(
         claimed.c.summary,
@@ -439,9 +449,10 @@ async def send_at_once(
         "answer_prompt_base": answer_prompt_base,
         "answer_id": answer.id,
     }
-    for column in _messages.columns:
-        params[f"question_{column.key}"] = getattr(question, column.key)
-        params[f"answer_{column.key}"] = getattr(answer, column.key)
+    params["rows"] = orjson.dumps(
+        [{c.key: getattr(row, c.key) for c in _messages.columns} for row in (question, answer)],
+        default=str,  # asyncpg's own UUIDs, in ids read from the database
+    ).decode()
     rows = (await connection.execute(_SEND_AT_ONCE, params)).all()
     if not rows:
         return None
