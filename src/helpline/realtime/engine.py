@@ -477,6 +477,9 @@ class GenerationEngine:
                 await asyncio.shield(publisher)
         if running.unsent:
             await self._publish_unsent(running, wait=False)
+        # One turn of the loop before the store: the sockets' writers send the last pieces
+        # now rather than after the store's work (a short answer's first token is its last).
+        await asyncio.sleep(0)
 
     def _record_metrics(
         self, running: RunningAnswer, result: AnswerResult, usage: Usage, model: str
