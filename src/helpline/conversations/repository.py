@@ -25,6 +25,7 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal,
     literal_column,
     or_,
     select,
@@ -60,11 +61,17 @@ _IN_CONVERSATION = _messages.c.conversation_id == bindparam("conversation_id")
 _MEMORY_ROLES = (MessageRole.USER, MessageRole.ASSISTANT, MessageRole.AGENT)
 
 
+def _one_of(column: ColumnElement[Any], values: Sequence[Any]) -> ColumnElement[bool]:
+    """`column IN (…)` with a parameter per value: SQLAlchemy renders an `in_()` of a list
+    anew at every execution (an "expanding" parameter), ~0.1 ms of CPU for a hot statement."""
+    return column.in_([literal(value, column.type) for value in values])
+
+
 def _memory_conditions(conversation_id: Any, after: Any | None) -> list[ColumnElement[bool]]:
     """A conversation's exchanged messages (created after `after`, unless None)."""
     conditions = [
         _messages.c.conversation_id == conversation_id,
-        _messages.c.role.in_(_MEMORY_ROLES),
+        _one_of(_messages.c.role, _MEMORY_ROLES),
         _messages.c.status != MessageStatus.STREAMING,
     ]
     if after is not None:
@@ -363,7 +370,7 @@ def _send_at_once_statement() -> Any:
             or_(
                 recent.c.role == MessageRole.USER,
                 and_(
-                    recent.c.role.in_((MessageRole.ASSISTANT, MessageRole.AGENT)),
+                    _one_of(recent.c.role, (MessageRole.ASSISTANT, MessageRole.AGENT)),
                     recent.c.content != "",
                 ),
             ),
