@@ -425,7 +425,8 @@ async def post_message(
     the commit and must not hold a request's session while they do.
     """
     database: AsyncEngine = sessionmaker.kw["bind"]
-    if database.dialect.name == "postgresql" and engine.accepting:
+    # Staff write in conversations of others (an agent's reply): never the common send.
+    if database.dialect.name == "postgresql" and engine.accepting and not is_staff(author):
         sent = await _send_at_once(
             database,
             engine=engine,
