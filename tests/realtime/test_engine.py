@@ -25,8 +25,15 @@ from helpline.core.config import Settings
 from helpline.core.database import create_engine, create_sessionmaker, unit_of_work
 from helpline.core.errors import ShuttingDown
 from helpline.kit.models import utcnow
+from helpline.realtime import engine as engine_module
 from helpline.realtime.backends import create_memory_backends
-from helpline.realtime.engine import AnswerJob, AnswerResult, GenerationEngine, lease_key
+from helpline.realtime.engine import (
+    COALESCE_MAX_CHARS,
+    AnswerJob,
+    AnswerResult,
+    GenerationEngine,
+    lease_key,
+)
 from helpline.realtime.frames import Frame, token_frame
 from helpline.realtime.pressure import LoopLagMonitor
 from tests.conftest import _empty_tables_for
@@ -477,6 +484,30 @@ async def test_a_busy_process_joins_pieces_but_sends_the_first_at_once(
     text = "".join(str(f.data["content"]) for f in tokens)
     assert len(text.split()) == 60
     assert (await rig.message(sent.answer_id)).content == text
+
+
+async def test_a_busy_process_publishes_a_whole_event_of_gathered_text_at_once(
+    rig: Rig, customer: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gathering longer would only make a burst of events (and fill slow sockets' queues)."""
+    monkeypatch.setattr(engine_module, "COALESCE_PIECES_S", 60.0)  # the timer never fires
+    rig.engine.loop_lag = LoopLagMonitor(behind_after_s=-1.0)
+    conversation_id = await rig.conversation(customer)
+    word = "w" * 199
+    sent = await rig.send(
+        customer, conversation_id, f'[[reply="{word}" tokens=30 hang_after=30]] q'
+    )
+    assert sent.answer_id is not None
+
+    def text_out() -> str:
+        return "".join(str(f.data["content"]) for f in rig.frames if f.type == "token")
+
+    await eventually(lambda: len(text_out()) >= COALESCE_MAX_CHARS, within=5.0)
+    assert len(text_out()) < 30 * 200  # the rest waits for more, or for the timer
+    await rig.engine.request_cancel(sent.answer_id)
+    final = await rig.answer_ended(sent.answer_id)
+    assert final.data["message"]["content"] == text_out()
+    assert len(text_out().split()) == 30
 
 
 async def test_held_pieces_go_out_when_the_model_pauses(rig: Rig, customer: User) -> None:

@@ -818,11 +818,14 @@ async def test_a_client_that_stops_reading_is_closed_with_4008_and_the_others_ge
         await reader.ping()
         # More text than the stuck socket's buffers hold, however few frames it goes out in.
         await reader.chat("[[tokens=20000]] " + "z" * 190, "flood-1")
+        # The reader reads all along (a client of the websockets library stops reading its
+        # socket once its own queue is full, and would be a slow consumer too).
+        reading = asyncio.create_task(reader.answer(within=60))
         # The stuck client reads nothing until the server has given up on it...
         await eventually(lambda: slow_consumers_closed() > before, interval=0.01)
         # ...then it finds what the server managed to send, and the close frame.
         assert await stuck.closed() == (4008, "slow consumer")
-        answer = await reader.answer(within=60)
+        answer = await reading
     assert answer.final is not None
     assert answer.final["type"] == "complete"
     assert answer.text == answer.final["message"]["content"]

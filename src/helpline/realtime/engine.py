@@ -131,6 +131,7 @@ class RunningAnswer:
     message_id_text: str = ""  # the answer's id as frames carry it, formatted once
     # Pieces taken from the answerer and not yet published, and the task publishing them.
     unsent: list[str] = field(default_factory=list)
+    unsent_chars: int = 0
     publisher: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
@@ -406,13 +407,20 @@ class GenerationEngine:
         """
         running.pieces.append(text)
         running.unsent.append(text)
+        running.unsent_chars += len(text)
         if running.publisher is not None and not running.publisher.done():
             return
         if not self.backends.in_process:
             running.publisher = asyncio.create_task(
                 self._publish_unsent(running), name=f"publish-{running.message_id_text}"
             )
-        elif running.seq == 0 or not self.loop_lag.behind:
+        elif (
+            running.seq == 0
+            or not self.loop_lag.behind
+            # A whole event's worth: gathering longer would only make a burst of events.
+            or running.unsent_chars >= COALESCE_MAX_CHARS
+        ):
+            self._gathering.pop(running.job.assistant_message_id, None)
             self._publish_now(running)
         else:
             self._gathering[running.job.assistant_message_id] = running
@@ -456,6 +464,7 @@ class GenerationEngine:
             size += len(piece)
         pieces = running.unsent[:taken]
         del running.unsent[:taken]
+        running.unsent_chars -= size
         if running.seq == 0:
             running.first_token_s = time.perf_counter() - running.started_at
         running.seq += 1
