@@ -1,16 +1,21 @@
-"""The PostgreSQL pool: dead connections are found before use, busy ones are not checked."""
+"""The PostgreSQL pool (dead connections found before use, busy ones not checked) and the
+sessions outside a request."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
 import asyncpg
 import pytest
-from sqlalchemy import text
+from fastapi import FastAPI
+from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from helpline.core.database import create_engine
+from helpline.auth.models import User, UserRole
+from helpline.core.database import create_engine, lookup_session
 from tests.conftest import make_settings
 
 
@@ -61,3 +66,25 @@ async def test_a_connection_back_in_use_at_once_is_not_checked(
         assert second_pid != first_pid
     finally:
         await engine.dispose()
+
+
+async def test_a_lookup_session_commits_each_statement_by_itself_on_postgresql(
+    app: FastAPI, sessionmaker: async_sessionmaker[AsyncSession]
+) -> None:
+    """No transaction around its statements on PostgreSQL (so no `BEGIN` and `COMMIT` round
+    trips): a write in it stays even when the session then fails. On SQLite it is a unit of
+    work, rolled back."""
+    name = f"lookup-{uuid.uuid4().hex[:8]}"
+
+    async def write_then_fail() -> None:
+        async with lookup_session(sessionmaker) as session:
+            session.add(User(username=name, password_hash="-", role=UserRole.CUSTOMER))
+            await session.flush()
+            raise RuntimeError("after the write")
+
+    with pytest.raises(RuntimeError):
+        await write_then_fail()
+    async with sessionmaker() as session:
+        kept = await session.scalar(select(User).where(User.username == name))
+    on_postgresql = app.state.engine.dialect.name == "postgresql"
+    assert (kept is not None) == on_postgresql

@@ -26,7 +26,7 @@ from helpline.auth.models import User, UserRole
 from helpline.auth.principal import Principal
 from helpline.auth.security import TokenCodec, is_api_key
 from helpline.auth.service import Authentication, AuthEnvironment, ClientInfo
-from helpline.core.database import DbSession, unit_of_work
+from helpline.core.database import DbSession, lookup_session
 from helpline.core.errors import Forbidden, NotAuthenticated
 
 oauth2_scheme = OAuth2PasswordBearer(
@@ -145,7 +145,7 @@ async def authenticate_websocket(websocket: WebSocket) -> WebSocketIdentity:
     if not token:
         raise NotAuthenticated()
     env = auth_environment(websocket.app)
-    async with unit_of_work(env.sessionmaker) as session:
+    async with lookup_session(env.sessionmaker) as session:
         auth = await auth_service.authenticate(session, env=env, token=token)
     if not auth.user.is_active:
         raise InactiveUser()

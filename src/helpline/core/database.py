@@ -175,6 +175,22 @@ async def unit_of_work(
             await commit(session)
 
 
+@asynccontextmanager
+async def lookup_session(
+    sessionmaker: async_sessionmaker[AsyncSession],
+) -> AsyncIterator[AsyncSession]:
+    """A session for lookups outside a request (a socket's handshake, a resume).
+
+    On PostgreSQL its statements run in autocommit: a lookup is one round trip, not three
+    (`BEGIN`, the query, `COMMIT`; ~0.2 ms of CPU each), and a lone write in it commits by
+    itself. SQLite begins a transaction only at a write anyway: there it is a unit of work.
+    """
+    async with unit_of_work(sessionmaker) as session:
+        if session.get_bind().dialect.name == "postgresql":
+            await session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        yield session
+
+
 def is_connection_error(exc: BaseException) -> bool:
     """True when `exc` says the database could not be reached (not a bad query)."""
     if isinstance(exc, (OSError, ConnectionError, TimeoutError)):

@@ -28,7 +28,7 @@ from helpline.conversations.exceptions import AnswerNotFound
 from helpline.conversations.models import Message
 from helpline.conversations.schemas import MessageCreate
 from helpline.core import metrics
-from helpline.core.database import DbSession, release, unit_of_work
+from helpline.core.database import DbSession, lookup_session, release
 from helpline.core.errors import AppError, BadRequest, Forbidden, NotFound, error_responses
 from helpline.core.middleware import request_id_header
 from helpline.realtime import service as realtime_service
@@ -110,7 +110,7 @@ async def _find_chat(websocket: WebSocket) -> ChatConnection | None:
         await websocket.close(code=CLOSE_NOT_FOUND, reason="Conversation not found")
         return None
     try:
-        async with unit_of_work(app_state.sessionmaker) as session:
+        async with lookup_session(app_state.sessionmaker) as session:
             conversation = await conversations_service.get_conversation(
                 session, user=identity.user, conversation_id=conversation_id
             )

@@ -21,7 +21,7 @@ from helpline.conversations.exceptions import TokenBudgetExceeded
 from helpline.conversations.models import Message, MessageStatus
 from helpline.core import metrics
 from helpline.core.config import Settings
-from helpline.core.database import unit_of_work
+from helpline.core.database import lookup_session
 from helpline.core.errors import RateLimited
 from helpline.core.limiter import RateLimiter
 from helpline.kit.models import utcnow
@@ -83,7 +83,7 @@ async def replay_into(
         if frames:
             replayed = frames
         else:
-            async with unit_of_work(sessionmaker) as session:
+            async with lookup_session(sessionmaker) as session:
                 message = await conversations_service.get_message(session, message_id)
             if message is None:
                 ended_before = True
@@ -159,7 +159,7 @@ async def follow_reply(
 
     unsubscribe = engine.subscribe(conversation_id, on_frame)
     try:
-        async with unit_of_work(sessionmaker) as session:
+        async with lookup_session(sessionmaker) as session:
             reply = await conversations_service.get_reply(session, question.id)
         message_id = reply.id if reply is not None else uuid.UUID(await started)
     finally:
@@ -187,7 +187,7 @@ def model_call_guard(
         try:
             await limiter.enforce(settings.rate_limit_llm, "llm", str(user.id))
             if settings.token_budget_daily > 0:
-                async with unit_of_work(sessionmaker) as session:
+                async with lookup_session(sessionmaker) as session:
                     await conversations_service.check_token_budget(
                         session, user=user, budget=settings.token_budget_daily
                     )

@@ -42,7 +42,7 @@ from helpline.conversations.models import Conversation
 from helpline.conversations.schemas import ClientMessageId, MessageContent
 from helpline.core import metrics
 from helpline.core.config import Settings
-from helpline.core.database import unit_of_work
+from helpline.core.database import lookup_session, unit_of_work
 from helpline.core.errors import AppError
 from helpline.core.limiter import InProcessStorage
 from helpline.realtime import service as realtime_service
@@ -447,7 +447,7 @@ class ChatConnection:
             )
 
     async def _resume(self, frame: ResumeFrame) -> None:
-        async with unit_of_work(self.sessionmaker) as session:
+        async with lookup_session(self.sessionmaker) as session:
             message = await conversations_service.get_message(session, frame.message_id)
         if message is None or message.conversation_id != self.conversation_id:
             self._send_own(
