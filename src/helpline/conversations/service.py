@@ -52,7 +52,7 @@ from helpline.conversations.models import (
 from helpline.conversations.repository import HistoryMessage
 from helpline.conversations.schemas import ConversationRead, MessageRead
 from helpline.core import metrics
-from helpline.core.database import on_commit, unit_of_work
+from helpline.core.database import autocommit_connection, on_commit, unit_of_work
 from helpline.jobs import service as jobs_service
 from helpline.kit.models import new_row, utcnow
 from helpline.realtime.engine import AnswerJob, AnswerResult, GenerationEngine, StoredAnswer
@@ -215,6 +215,7 @@ def _new_question(
     client_message_id: str | None,
     now: datetime,
 ) -> Message:
+    """The row of a message `author` sends, built whole (`new_row`), stored as of `now`."""
     return new_row(
         Message,
         conversation_id=conversation_id,
@@ -476,10 +477,9 @@ async def _send_at_once(
     )
     answer = _new_answer(model=engine.answerer.model, question=question, prompt_tokens=None)
     try:
-        async with database.connect() as connection:
-            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+        async with autocommit_connection(database) as connection:
             sent = await repository.send_at_once(
-                autocommit,
+                connection,
                 conversation_id=conversation_id,
                 author_id=author.id,
                 client_message_id=client_message_id,
@@ -925,10 +925,9 @@ class ConversationAnswerStore:
         """PostgreSQL: the message, the conversation's activity and the usage charge in one
         statement, so in one round trip with no transaction around it (five round trips else,
         at ~0.2 ms of CPU each: `bench/answer_db.py`)."""
-        async with self.database.connect() as connection:
-            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+        async with autocommit_connection(self.database) as connection:
             row = await repository.store_result_at_once(
-                autocommit,
+                connection,
                 message_id=result.message_id,
                 values=values,
                 moment=now,

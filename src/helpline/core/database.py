@@ -19,6 +19,7 @@ from fastapi import Depends, Request
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -173,6 +174,14 @@ async def unit_of_work(
             raise
         else:
             await commit(session)
+
+
+@asynccontextmanager
+async def autocommit_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A pooled connection whose statements each commit on their own: on PostgreSQL one round
+    trip for a statement, not three (`BEGIN`, the statement, `COMMIT`)."""
+    async with engine.connect() as connection:
+        yield await connection.execution_options(isolation_level="AUTOCOMMIT")
 
 
 @asynccontextmanager
