@@ -15,7 +15,7 @@ from helpline.agents.providers.fake import FakeChatModel
 from helpline.agents.schemas import ChatMessage
 from helpline.agents.tokens import estimate_prompt_tokens
 from helpline.auth.models import User
-from helpline.conversations import service
+from helpline.conversations import repository, service
 from helpline.conversations.exceptions import (
     ConversationForbidden,
     ConversationNotFound,
@@ -413,3 +413,44 @@ async def test_a_customer_send_is_one_statement_on_postgresql(
     assert sent.answer_id is not None
     await engine.request_cancel(sent.answer_id)
     await eventually(lambda: finished(sessionmaker, conversation.id))
+
+
+async def test_a_send_that_waited_for_another_sends_lock_is_refused_and_stores_nothing(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    session: AsyncSession,
+    engine: GenerationEngine,
+) -> None:
+    """The other send commits its streaming answer while this one waits for the lock: this one
+    must see it (on PostgreSQL its one statement fails on the one-streaming-answer constraint
+    and the transactional send tells why), and nothing of it is stored."""
+    owner = await create_user(session)
+    conversation = await new_conversation(sessionmaker, owner)
+    async with sessionmaker() as other:
+        now = utcnow()
+        await repository.lock_conversation(other, conversation.id, touch=now)
+        question = Message(
+            conversation_id=conversation.id, role=MessageRole.USER, content="first", created_at=now
+        )
+        other.add(question)
+        await other.flush()
+        other.add(
+            Message(
+                conversation_id=conversation.id,
+                role=MessageRole.ASSISTANT,
+                status=MessageStatus.STREAMING,
+                reply_to_message_id=question.id,
+                created_at=now + timedelta(microseconds=1),
+            )
+        )
+        await other.flush()
+        sending = asyncio.create_task(post(sessionmaker, engine, owner, conversation.id, "second"))
+        await asyncio.sleep(0.3)
+        assert not sending.done()  # waiting for the lock
+        await other.commit()
+    with pytest.raises(GenerationInProgress):
+        await sending
+    stored = await messages_of(sessionmaker, conversation.id)
+    assert [(m.role, m.content) for m in stored] == [
+        (MessageRole.USER, "first"),
+        (MessageRole.ASSISTANT, ""),
+    ]
