@@ -61,6 +61,11 @@ async def test_register_duplicate_username_is_case_insensitive(client: httpx.Asy
         ({"username": "carol", "password": " " * 10}, "password", "only spaces"),
         ({"username": "carol", "password": DEFAULT_PASSWORD, "email": "nope"}, "email", "email"),
         ({"username": "carol"}, "password", "required"),
+        (
+            {"username": "carol", "password": DEFAULT_PASSWORD, "display_name": "C\u0000"},
+            "display_name",
+            "NUL",
+        ),
         ({"username": "carol", "password": DEFAULT_PASSWORD, "role": "admin"}, "role", "xtra"),
     ],
 )

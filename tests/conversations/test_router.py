@@ -469,6 +469,7 @@ async def test_invalid_message_bodies_are_422(
         {"content": ""},
         {"content": "   "},
         {"content": "x" * 8001},
+        {"content": "a NUL \u0000 in it"},  # PostgreSQL's text cannot hold one
         {"content": 42},
         {"content": "hi", "client_message_id": ""},
         {"content": "hi", "client_message_id": "has spaces"},

@@ -145,6 +145,21 @@ async def test_malformed_request_names_the_field(sdk: openai.AsyncOpenAI) -> Non
     assert error["param"] == "messages"
 
 
+async def test_a_message_with_a_nul_character_is_refused(sdk: openai.AsyncOpenAI) -> None:
+    """Refused with the field named, rather than failing at the database (PostgreSQL's text
+    cannot hold U+0000)."""
+    for content in ("a NUL \u0000 in it", [{"type": "text", "text": "a NUL \u0000 in it"}]):
+        with pytest.raises(openai.UnprocessableEntityError) as caught:
+            await sdk.chat.completions.create(
+                model="helpline",
+                messages=[{"role": "user", "content": content}],  # type: ignore[misc,list-item]
+            )
+        error = caught.value.body
+        assert isinstance(error, dict)
+        assert error["code"] == "VALIDATION_ERROR"
+        assert str(error["param"]).startswith("messages")
+
+
 async def test_a_model_failure_mid_stream_raises_in_the_sdk(sdk: openai.AsyncOpenAI) -> None:
     stream = await sdk.chat.completions.create(
         model="helpline",

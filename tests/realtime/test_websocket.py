@@ -704,6 +704,8 @@ async def test_a_chat_frame_with_a_missing_or_bad_field_is_a_bad_request(
         await expect_error(socket, "BAD_REQUEST")
         await socket.send(type="chat", content="x" * 8001, message_id="too-long")
         await expect_error(socket, "BAD_REQUEST")
+        await socket.send(type="chat", content="a NUL \u0000 in it", message_id="nul")
+        await expect_error(socket, "BAD_REQUEST")
         await socket.send(type="chat", content="hi", message_id="has spaces")
         await expect_error(socket, "BAD_REQUEST")
     assert await list_all_messages(http, alice, conversation_id) == []

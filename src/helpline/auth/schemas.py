@@ -16,7 +16,7 @@ from helpline.auth.models import (
     USERNAME_MAX_LENGTH,
     UserRole,
 )
-from helpline.kit.schemas import Schema
+from helpline.kit.schemas import STORABLE, Schema
 
 USERNAME_MIN_LENGTH = 3
 PASSWORD_MIN_LENGTH = 8
@@ -61,7 +61,9 @@ Password = Annotated[
     Field(description="8 to 128 characters", examples=["correct-horse-battery"]),
 ]
 DisplayName = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=DISPLAY_NAME_MAX_LENGTH)
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=DISPLAY_NAME_MAX_LENGTH),
+    STORABLE,
 ]
 Email = Annotated[EmailStr, Field(max_length=320)]
 Token = Annotated[str, StringConstraints(min_length=1, max_length=TOKEN_MAX_LENGTH)]

@@ -15,12 +15,14 @@ from helpline.conversations.models import (
     MessageRole,
     MessageStatus,
 )
-from helpline.kit.schemas import Page
+from helpline.kit.schemas import STORABLE, Page
 
 MESSAGE_MAX_CHARS = 8000
 
 MessageContent = Annotated[
-    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MESSAGE_MAX_CHARS)
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MESSAGE_MAX_CHARS),
+    STORABLE,
 ]
 ClientMessageId = Annotated[
     str,
@@ -34,7 +36,10 @@ class ConversationCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     title: (
-        Annotated[str, StringConstraints(strip_whitespace=True, max_length=TITLE_MAX_LENGTH)] | None
+        Annotated[
+            str, StringConstraints(strip_whitespace=True, max_length=TITLE_MAX_LENGTH), STORABLE
+        ]
+        | None
     ) = None
 
 
@@ -87,7 +92,9 @@ class SendMessageResponse(BaseModel):
 class HandoffRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reason: Annotated[str, StringConstraints(strip_whitespace=True, max_length=500)] | None = None
+    reason: (
+        Annotated[str, StringConstraints(strip_whitespace=True, max_length=500), STORABLE] | None
+    ) = None
 
 
 ConversationPage = Page[ConversationRead]

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import Annotated, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 T = TypeVar("T")
+
+
+def _refuse_nul(value: str) -> str:
+    # PostgreSQL's text cannot hold U+0000: refused here with a clear error, not at the INSERT.
+    if "\x00" in value:
+        raise ValueError("Text must not contain NUL characters (U+0000)")
+    return value
+
+
+# Refuses in text what the databases cannot store. The last of a type's annotations: before
+# `StringConstraints`, it would make pydantic check lengths before stripping.
+STORABLE = AfterValidator(_refuse_nul)
+StoredText = Annotated[str, STORABLE]
 
 
 class Schema(BaseModel):

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from helpline.conversations.schemas import MESSAGE_MAX_CHARS
+from helpline.kit.schemas import StoredText
 
 MODEL_ID = "helpline"
 
@@ -14,13 +15,13 @@ MODEL_ID = "helpline"
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
-    text: str | None = None
+    text: StoredText | None = None
 
 
 class ChatCompletionMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: StoredText | list[ContentPart] | None = None
 
     @property
     def text(self) -> str:
