@@ -293,6 +293,34 @@ async def test_a_cancel_right_after_the_send_stores_the_answer_cancelled_without
     assert rig.model.requests == deque()
 
 
+async def test_a_cancel_between_the_commit_and_the_launch_stops_the_answer_as_it_starts(
+    rig: Rig, customer: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer is committed `streaming` but not running yet (another instance's, or this
+    one's a moment before its launch): a cancel neither fails it as orphaned nor is lost."""
+    conversation_id = await rig.conversation(customer)
+    jobs: list[AnswerJob] = []
+    launch = rig.engine.launch
+    monkeypatch.setattr(rig.engine, "launch", jobs.append)
+    sent = await rig.send(customer, conversation_id, '[[reply="never said"]] q')
+    assert sent.answer_id is not None
+
+    async with unit_of_work(rig.sessionmaker) as session:
+        conversation = await session.get(Conversation, conversation_id)
+        assert conversation is not None
+        cancelled = await service.cancel_answer(
+            session, engine=rig.engine, conversation=conversation
+        )
+    assert cancelled == sent.answer_id
+    assert (await rig.message(sent.answer_id)).status == MessageStatus.STREAMING  # not failed
+
+    launch(jobs[0])
+    final = await rig.answer_ended(sent.answer_id)
+    assert final.type == "cancelled"
+    assert (await rig.message(sent.answer_id)).status == MessageStatus.CANCELLED
+    assert rig.model.requests == deque()
+
+
 async def test_queue_policy_answers_the_queued_question_after_the_current_one(
     make_rig: RigFactory, customer: User
 ) -> None:

@@ -93,7 +93,8 @@ async def test_a_cancelled_answer_counts_a_cancellation(
         if (await http.post(f"/conversations/{conversation_id}/cancel")).status_code == 202:
             break
         await asyncio.sleep(0.02)
-    assert (await send).json()["assistant_message"]["status"] == "cancelled"
+    sent = await send
+    assert sent.json()["assistant_message"]["status"] == "cancelled", sent.text
     assert _value("helpline_llm_cancellations_total", model=MODEL) == before + 1
 
 

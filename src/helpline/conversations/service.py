@@ -512,10 +512,13 @@ async def cancel_answer(
     streaming = await repository.get_streaming_answer(session, conversation.id)
     if streaming is None:
         raise NothingToCancel()
-    if not await engine.is_running_anywhere(streaming.id):
+    running = await engine.is_running_anywhere(streaming.id)
+    if not running and utcnow() - streaming.created_at > timedelta(seconds=engine.lease_s):
         # Its instance died: store it as failed now rather than cancel nothing.
         await engine.fail_if_orphaned(conversation.id, streaming.id)
         raise NothingToCancel()
+    # Running, or younger than a lease: committed and about to start (the cancel stops it as
+    # it starts, on whichever instance).
     await engine.request_cancel(streaming.id)
     return streaming.id
 

@@ -172,6 +172,9 @@ class GenerationEngine:
         # In one process, while behind: the answers with pieces waiting for the next flush.
         self._gathering: dict[uuid.UUID, RunningAnswer] = {}
         self._flush: asyncio.TimerHandle | None = None
+        # Cancels that came for an answer not (yet) running here, with when they came: one
+        # committed but not launched yet is stopped as it starts.
+        self._early_cancels: dict[uuid.UUID, float] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -248,6 +251,8 @@ class GenerationEngine:
     def launch(self, job: AnswerJob) -> None:
         """Start the answer's task (call once the job's rows are committed)."""
         running = RunningAnswer(job=job)
+        if self._early_cancels.pop(job.assistant_message_id, None) is not None:
+            running.cancel_requested = True
         self.running[job.assistant_message_id] = running
         running.task = asyncio.create_task(
             self._run(running), name=f"answer-{job.assistant_message_id}"
@@ -267,10 +272,21 @@ class GenerationEngine:
     async def _on_control(self, command: dict[str, Any]) -> None:
         if command.get("kind") != "cancel":
             return
-        running = self.running.get(uuid.UUID(str(command["message_id"])))
-        if running is not None and not running.finishing:
+        message_id = uuid.UUID(str(command["message_id"]))
+        running = self.running.get(message_id)
+        if running is None:
+            self._remember_early_cancel(message_id)
+        elif not running.finishing:
             running.cancel_requested = True
             self._interrupt(running)
+
+    def _remember_early_cancel(self, message_id: uuid.UUID) -> None:
+        """Keep a cancel for an answer that may start here soon (for a lease's time)."""
+        now = asyncio.get_running_loop().time()
+        stale = [key for key, at in self._early_cancels.items() if now - at > self.lease_s]
+        for key in stale:
+            del self._early_cancels[key]
+        self._early_cancels[message_id] = now
 
     @staticmethod
     def _interrupt(running: RunningAnswer) -> None:
