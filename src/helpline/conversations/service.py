@@ -488,20 +488,22 @@ async def _send_at_once(
                 answer_prompt_base=_question_prompt_tokens(question),
                 recent_limit=HISTORY_MESSAGES,
             )
+            if sent is None:
+                return None
+            # Started before the connection goes back to the pool: committed, the answer is
+            # not left waiting for that.
+            answer.prompt_tokens = sent.answer_prompt_tokens
+            job = _answer_job(
+                user_id=author.id,
+                summary=sent.summary,
+                question=question,
+                answer=answer,
+                history=_history_since(sent.recent, sent.summary_until),
+            )
+            await engine.publish(message_frame(conversation_id, message_json(question)))
+            engine.launch(job)
     except IntegrityError:
         return None
-    if sent is None:
-        return None
-    answer.prompt_tokens = sent.answer_prompt_tokens
-    job = _answer_job(
-        user_id=author.id,
-        summary=sent.summary,
-        question=question,
-        answer=answer,
-        history=_history_since(sent.recent, sent.summary_until),
-    )
-    await engine.publish(message_frame(conversation_id, message_json(question)))
-    engine.launch(job)
     return SendResult(user_message=question, assistant_message=answer, created=True)
 
 
