@@ -27,6 +27,7 @@ from sqlalchemy import (
     insert,
     literal,
     literal_column,
+    null,
     or_,
     select,
     true,
@@ -319,6 +320,9 @@ async def insert_messages(session: AsyncSession, messages: Sequence[Message]) ->
     )
 
 
+_CLAIMED_PART = 3  # beside `_RECENT_PART`, as in `_SEND_CONTEXT`
+
+
 def _send_at_once_statement() -> Any:
     """PostgreSQL: the common send (a customer's message in an `open` conversation with no answer
     streaming and a new client id) as one statement of data-modifying `WITH` clauses, run in
@@ -412,12 +416,23 @@ def _send_at_once_statement() -> Any:
     answer_prompt = (
         select(inserted.c.prompt_tokens).where(inserted.c.id == answer_id).scalar_subquery()
     )
-    return select(
-        claimed.c.summary,
-        claimed.c.summary_until,
-        answer_prompt.label("answer_prompt_tokens"),
-        *recent.c,
-    ).select_from(claimed.outerjoin(recent, true()))
+    # The conversation's row (its summary once, not on each message's row), then the messages.
+    return union_all(
+        select(
+            literal_column(str(_CLAIMED_PART)).label("part"),
+            claimed.c.summary,
+            claimed.c.summary_until,
+            answer_prompt.label("answer_prompt_tokens"),
+            *(cast(null(), c.type).label(c.name) for c in recent.c),
+        ),
+        select(
+            literal_column(str(_RECENT_PART)).label("part"),
+            cast(null(), _conversations.c.summary.type),
+            cast(null(), _conversations.c.summary_until.type),
+            cast(null(), _messages.c.prompt_tokens.type),
+            *recent.c,
+        ),
+    )
 
 
 _SEND_AT_ONCE = _send_at_once_statement()
@@ -461,20 +476,20 @@ async def send_at_once(
         default=str,  # asyncpg's own UUIDs, in ids read from the database
     ).decode()
     rows = (await connection.execute(_SEND_AT_ONCE, params)).all()
-    if not rows:
+    claimed = next((row for row in rows if row.part == _CLAIMED_PART), None)
+    if claimed is None:
         return None
-    first = rows[0]
     history = sorted(
-        (row for row in rows if row.id is not None), key=lambda row: (row.created_at, row.id)
+        (row for row in rows if row.part == _RECENT_PART), key=lambda row: (row.created_at, row.id)
     )
     return SentAtOnce(
-        summary=first.summary,
-        summary_until=first.summary_until,
+        summary=claimed.summary,
+        summary_until=claimed.summary_until,
         recent=[
             HistoryMessage(row.role, row.content, row.token_count, row.created_at)
             for row in history
         ],
-        answer_prompt_tokens=first.answer_prompt_tokens,
+        answer_prompt_tokens=claimed.answer_prompt_tokens,
     )
 
 
