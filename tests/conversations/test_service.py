@@ -94,6 +94,17 @@ async def finished(
     return bool(answers) and all(m.status != MessageStatus.STREAMING for m in answers)
 
 
+async def stop(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    engine: GenerationEngine,
+    sent: service.SendResult,
+) -> None:
+    """Cancel the (hanging) answer of `sent` and wait until it is stored."""
+    assert sent.answer_id is not None
+    await engine.request_cancel(sent.answer_id)
+    await eventually(lambda: finished(sessionmaker, sent.user_message.conversation_id))
+
+
 async def test_get_conversation_lets_the_owner_and_staff_in(session: AsyncSession) -> None:
     owner = await create_user(session)
     agent = await create_user(session, role="agent")
@@ -322,9 +333,7 @@ async def test_latest_answer_is_the_one_streaming(
         assert latest is not None
         assert latest.id == second.answer_id
         assert latest.status == MessageStatus.STREAMING
-    assert second.answer_id is not None
-    await engine.request_cancel(second.answer_id)
-    await eventually(lambda: finished(sessionmaker, conversation.id))
+    await stop(sessionmaker, engine, second)
 
 
 async def test_deleting_a_conversation_stops_its_answer(
@@ -382,8 +391,7 @@ async def test_an_answer_starts_with_the_prompt_estimate_of_the_history_it_gets(
         row = await db.get(Message, sent.assistant_message.id)
         assert row is not None
         assert (row.status, row.prompt_tokens) == (MessageStatus.STREAMING, expected)
-    await engine.request_cancel(sent.assistant_message.id)
-    await eventually(lambda: finished(sessionmaker, conversation.id))
+    await stop(sessionmaker, engine, sent)
 
 
 async def test_a_customer_send_is_one_statement_on_postgresql(
@@ -410,9 +418,7 @@ async def test_a_customer_send_is_one_statement_on_postgresql(
     assert sent.created
     expected = 1 if app.state.engine.dialect.name == "postgresql" else 3
     assert len(statements) == expected, statements
-    assert sent.answer_id is not None
-    await engine.request_cancel(sent.answer_id)
-    await eventually(lambda: finished(sessionmaker, conversation.id))
+    await stop(sessionmaker, engine, sent)
 
 
 async def test_a_send_that_waited_for_another_sends_lock_is_refused_and_stores_nothing(

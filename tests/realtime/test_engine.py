@@ -87,6 +87,21 @@ class Rig:
             client_message_id=client_id,
         )
 
+    async def send_unlaunched(
+        self, author: User, conversation_id: uuid.UUID, content: str
+    ) -> tuple[service.SendResult, Callable[[], None]]:
+        """Send, committed, with the answer's launch held back: returns the launch."""
+        jobs: list[AnswerJob] = []
+        launch = self.engine.launch
+        self.engine.launch = jobs.append  # type: ignore[method-assign]
+        try:
+            sent = await self.send(author, conversation_id, content)
+        finally:
+            self.engine.launch = launch  # type: ignore[method-assign]
+        assert sent.answer_id is not None
+        (job,) = jobs
+        return sent, lambda: launch(job)
+
     async def conversation(self, owner: User) -> uuid.UUID:
         async with unit_of_work(self.sessionmaker) as session:
             conversation = await service.create_conversation(session, user=owner, title=None)
@@ -274,17 +289,14 @@ async def test_cancel_stops_the_provider_stream_and_keeps_the_partial_text(
 
 
 async def test_a_cancel_right_after_the_send_stores_the_answer_cancelled_without_the_model(
-    rig: Rig, customer: User, monkeypatch: pytest.MonkeyPatch
+    rig: Rig, customer: User
 ) -> None:
     """The stop arrives before the answer's task first ran: it is stored, never left
     `streaming`, and the model is not called."""
     conversation_id = await rig.conversation(customer)
-    jobs: list[AnswerJob] = []
-    launch = rig.engine.launch
-    monkeypatch.setattr(rig.engine, "launch", jobs.append)
-    sent = await rig.send(customer, conversation_id, '[[reply="never said"]] q')
+    sent, launch = await rig.send_unlaunched(customer, conversation_id, '[[reply="never said"]] q')
     assert sent.answer_id is not None
-    launch(jobs[0])
+    launch()
     await rig.engine.request_cancel(sent.answer_id)  # no await in between: the task is new
     final = await rig.answer_ended(sent.answer_id)
     assert final.type == "cancelled"
@@ -294,15 +306,12 @@ async def test_a_cancel_right_after_the_send_stores_the_answer_cancelled_without
 
 
 async def test_a_cancel_between_the_commit_and_the_launch_stops_the_answer_as_it_starts(
-    rig: Rig, customer: User, monkeypatch: pytest.MonkeyPatch
+    rig: Rig, customer: User
 ) -> None:
     """The answer is committed `streaming` but not running yet (another instance's, or this
     one's a moment before its launch): a cancel neither fails it as orphaned nor is lost."""
     conversation_id = await rig.conversation(customer)
-    jobs: list[AnswerJob] = []
-    launch = rig.engine.launch
-    monkeypatch.setattr(rig.engine, "launch", jobs.append)
-    sent = await rig.send(customer, conversation_id, '[[reply="never said"]] q')
+    sent, launch = await rig.send_unlaunched(customer, conversation_id, '[[reply="never said"]] q')
     assert sent.answer_id is not None
 
     async with unit_of_work(rig.sessionmaker) as session:
@@ -314,7 +323,7 @@ async def test_a_cancel_between_the_commit_and_the_launch_stops_the_answer_as_it
     assert cancelled == sent.answer_id
     assert (await rig.message(sent.answer_id)).status == MessageStatus.STREAMING  # not failed
 
-    launch(jobs[0])
+    launch()
     final = await rig.answer_ended(sent.answer_id)
     assert final.type == "cancelled"
     assert (await rig.message(sent.answer_id)).status == MessageStatus.CANCELLED
