@@ -23,7 +23,7 @@ from helpline.conversations.schemas import (
     MessageRead,
     SendMessageResponse,
 )
-from helpline.core.database import DbSession, release, unit_of_work
+from helpline.core.database import DbSession, lookup_session, release
 from helpline.core.errors import error_responses
 from helpline.realtime import service as realtime_service
 from helpline.realtime.dependencies import Engine
@@ -158,7 +158,7 @@ async def send_message(
         async for frame in frames:
             final = frame
         if final is not None and final.message_id is not None:
-            async with unit_of_work(sessionmaker) as session:
+            async with lookup_session(sessionmaker) as session:
                 assistant = await service.get_message(session, uuid.UUID(final.message_id))
     response = SendMessageResponse(
         user_message=MessageRead.model_validate(result.user_message),
