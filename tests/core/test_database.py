@@ -88,3 +88,27 @@ async def test_a_lookup_session_commits_each_statement_by_itself_on_postgresql(
         kept = await session.scalar(select(User).where(User.username == name))
     on_postgresql = app.state.engine.dialect.name == "postgresql"
     assert (kept is not None) == on_postgresql
+
+
+async def test_a_burst_of_work_leaves_its_connections_in_the_pool(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """With the default settings a burst that takes every connection allowed opens them
+    once: a second burst as large reuses them all (opening one costs several round trips)."""
+    settings = make_settings(postgres_url, tmp_path)
+    engine = create_engine(settings)
+    burst = settings.database_pool_size + settings.database_max_overflow
+    all_out = asyncio.Barrier(burst)
+
+    async def hold_a_connection() -> int:
+        async with engine.connect() as connection:
+            await all_out.wait()  # every connection of the burst is out at once
+            return int((await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+
+    try:
+        first = set(await asyncio.gather(*(hold_a_connection() for _ in range(burst))))
+        second = set(await asyncio.gather(*(hold_a_connection() for _ in range(burst))))
+        assert len(first) == burst
+        assert second == first
+    finally:
+        await engine.dispose()
