@@ -200,6 +200,8 @@ class ChatConnection:
         "_writer",
         "_sent",
         "_send_queued_first",
+        "_send_started",
+        "_send_watch",
     )
 
     def __init__(
@@ -232,6 +234,10 @@ class ChatConnection:
         self._writer: asyncio.Task[None] | None = None
         self._sent = 0
         self._send_queued_first = False
+        # The loop time the send in progress began at (None between sends), and the timer that
+        # checks it: armed at most once per send timeout, not once per frame.
+        self._send_started: float | None = None
+        self._send_watch: asyncio.TimerHandle | None = None
 
     @property
     def writing(self) -> bool:
@@ -302,6 +308,9 @@ class ChatConnection:
         finally:
             unsubscribe()
             self.queue.close()
+            if self._send_watch is not None:
+                self._send_watch.cancel()
+                self._send_watch = None
             metrics.WEBSOCKET_CONNECTIONS.dec()
             await self._send_close()
 
@@ -323,7 +332,7 @@ class ChatConnection:
         """Send the queued frames; end once the queue is empty and no answer is mid-stream."""
         websocket = self.websocket
         queue = self.queue
-        timeout = self.settings.ws_send_timeout_s
+        loop = asyncio.get_running_loop()
         loop_lag = self.engine.loop_lag
         streaming = False
         try:
@@ -335,18 +344,39 @@ class ChatConnection:
                     # The answer's next pieces are coming: wait here rather than end and
                     # start a task again for each of them.
                     frame = await queue.get()
-                async with asyncio.timeout(timeout):
-                    await websocket.send_text(frame.encoded())
+                self._send_started = loop.time()
+                if self._send_watch is None:
+                    self._watch_send(self._send_started)
+                await websocket.send_text(frame.encoded())
+                self._send_started = None
                 self._count_sent(frame)
                 streaming = frame.type == "token"
                 if streaming and len(queue) < 2 and loop_lag.behind:
                     await asyncio.sleep(COALESCE_FRAMES_S)
-        except (SlowConsumer, TimeoutError):
+        except SlowConsumer:
             self.close_slow_consumer()
         except (QueueClosed, WebSocketDisconnect, RuntimeError):
             return
         finally:
+            self._send_started = None
             self._writer = None
+
+    def _watch_send(self, started: float) -> None:
+        self._send_watch = asyncio.get_running_loop().call_at(
+            started + self.settings.ws_send_timeout_s, self._check_send
+        )
+
+    def _check_send(self) -> None:
+        """Close the socket if its send in progress is older than the send timeout: a client
+        that stopped reading (its kernel buffers full) must not hold its frames forever."""
+        self._send_watch = None
+        started = self._send_started
+        if started is None:
+            return
+        if asyncio.get_running_loop().time() - started >= self.settings.ws_send_timeout_s:
+            self.close_slow_consumer()
+        else:
+            self._watch_send(started)  # a later send: check it when it is due
 
     def _count_sent(self, frame: Frame) -> None:
         self._sent += 1
