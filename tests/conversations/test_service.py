@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import event, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from helpline.agents.providers.fake import FakeChatModel
 from helpline.agents.schemas import ChatMessage
@@ -394,6 +397,37 @@ async def test_an_answer_starts_with_the_prompt_estimate_of_the_history_it_gets(
     await stop(sessionmaker, engine, sent)
 
 
+@contextlib.contextmanager
+def statements_run(database: AsyncEngine) -> Iterator[list[str]]:
+    """The statements `database` sends meanwhile: through SQLAlchemy, and those run on
+    asyncpg's own connection (`DriverStatement`)."""
+    statements: list[str] = []
+    drivers: list[Any] = []
+
+    def through_sqlalchemy(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(statement)
+
+    def on_the_driver(query: Any) -> None:
+        statements.append(query.query)
+
+    def checked_out(dbapi_connection: Any, *_: object) -> None:
+        driver = dbapi_connection.driver_connection
+        if hasattr(driver, "add_query_logger"):
+            driver.add_query_logger(on_the_driver)
+            drivers.append(driver)
+
+    engine = database.sync_engine
+    event.listen(engine, "before_cursor_execute", through_sqlalchemy)
+    event.listen(engine, "checkout", checked_out)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", through_sqlalchemy)
+        event.remove(engine, "checkout", checked_out)
+        for driver in drivers:
+            driver.remove_query_logger(on_the_driver)
+
+
 async def test_a_customer_send_is_one_statement_on_postgresql(
     app: FastAPI,
     sessionmaker: async_sessionmaker[AsyncSession],
@@ -404,17 +438,8 @@ async def test_a_customer_send_is_one_statement_on_postgresql(
     the transaction (lock, context, insert) under its write lock."""
     owner = await create_user(session)
     conversation = await new_conversation(sessionmaker, owner)
-    statements: list[str] = []
-
-    def record(_conn: object, _cursor: object, statement: str, *_: object) -> None:
-        statements.append(statement)
-
-    database = app.state.engine.sync_engine
-    event.listen(database, "before_cursor_execute", record)
-    try:
+    with statements_run(app.state.engine) as statements:
         sent = await post(sessionmaker, engine, owner, conversation.id, "[[hang]] hi", "c-1")
-    finally:
-        event.remove(database, "before_cursor_execute", record)
     assert sent.created
     expected = 1 if app.state.engine.dialect.name == "postgresql" else 3
     assert len(statements) == expected, statements

@@ -5,18 +5,38 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import asyncpg
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import select, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Column, MetaData, String, Table, Uuid, func, insert, select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from helpline.auth.models import User, UserRole
-from helpline.core.database import create_engine, lookup_session
+from helpline.core.database import DriverStatement, create_engine, lookup_session
+from helpline.kit.models import UTCDateTime, enum_column
 from tests.conftest import make_settings
+
+# Per connection: each test that uses it creates it on its own connection.
+PROBES = Table(
+    "driver_probes",
+    MetaData(),
+    Column("id", Uuid, primary_key=True),
+    Column("name", String(32), unique=True),
+    Column("role", enum_column(UserRole, 16)),
+    Column("seen_at", UTCDateTime),
+    prefixes=["TEMPORARY"],
+)
+ADD_PROBE = DriverStatement(insert(PROBES).returning(PROBES.c.id))
+AGENT_PROBES = DriverStatement(
+    select(PROBES.c.name, PROBES.c.role, PROBES.c.seen_at)
+    .where(PROBES.c.role == UserRole.AGENT)
+    .order_by(PROBES.c.name)
+)
+BACKEND_PID = DriverStatement(select(func.pg_backend_pid().label("pid")))
 
 
 async def _terminate(postgres_url: str, pid: int) -> None:
@@ -64,6 +84,65 @@ async def test_a_connection_back_in_use_at_once_is_not_checked(
         async with engine.connect() as connection:
             second_pid = (await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one()
         assert second_pid != first_pid
+    finally:
+        await engine.dispose()
+
+
+async def test_a_driver_statement_converts_values_both_ways_as_sqlalchemy_would(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    engine = create_engine(make_settings(postgres_url, tmp_path))
+    seen = datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone(timedelta(hours=2)))
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(PROBES.metadata.create_all)
+            for name, role in (("b", UserRole.AGENT), ("c", UserRole.CUSTOMER), ("a", "agent")):
+                probe = {"id": uuid.uuid4(), "name": name, "role": role, "seen_at": seen}
+                added = await ADD_PROBE.fetch(connection, probe)
+                assert [row.id for row in added] == [probe["id"]]
+            rows = await AGENT_PROBES.fetch(connection, {})
+    finally:
+        await engine.dispose()
+    assert [(row.name, row.role, row.seen_at) for row in rows] == [
+        ("a", UserRole.AGENT, seen),
+        ("b", UserRole.AGENT, seen),
+    ]
+    assert all(type(row.role) is UserRole and row.seen_at.tzinfo is UTC for row in rows)
+
+
+async def test_a_driver_statement_fails_a_constraint_with_an_integrity_error(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    engine = create_engine(make_settings(postgres_url, tmp_path))
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(PROBES.metadata.create_all)
+            probe = {"name": "twice", "role": UserRole.AGENT, "seen_at": None}
+            await ADD_PROBE.fetch(connection, {**probe, "id": uuid.uuid4()})
+            with pytest.raises(IntegrityError):
+                await ADD_PROBE.fetch(connection, {**probe, "id": uuid.uuid4()})
+    finally:
+        await engine.dispose()
+
+
+async def test_a_driver_statement_on_a_lost_connection_has_the_pool_replace_it(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    engine = create_engine(make_settings(postgres_url, tmp_path), ping_idle_after_s=60)
+    try:
+        async with engine.connect() as connection:
+            (first,) = await BACKEND_PID.fetch(connection, {})
+        await _terminate(postgres_url, first.pid)
+        await asyncio.sleep(0.1)
+
+        with pytest.raises(DBAPIError) as raised:
+            async with engine.connect() as connection:
+                await BACKEND_PID.fetch(connection, {})
+        assert raised.value.connection_invalidated
+
+        async with engine.connect() as connection:
+            (second,) = await BACKEND_PID.fetch(connection, {})
+        assert second.pid != first.pid
     finally:
         await engine.dispose()
 

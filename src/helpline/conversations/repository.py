@@ -47,6 +47,7 @@ from helpline.conversations.models import (
     MessageStatus,
     TokenUsage,
 )
+from helpline.core.database import DriverRow, DriverStatement
 from helpline.kit.pagination import paginate, split_page
 
 # The statements a send and an answer's result run (on the way to every first token) are built
@@ -435,7 +436,7 @@ def _send_at_once_statement() -> Any:
     )
 
 
-_SEND_AT_ONCE = _send_at_once_statement()
+_SEND_AT_ONCE = DriverStatement(_send_at_once_statement())
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,7 +476,7 @@ async def send_at_once(
         [{c.key: getattr(row, c.key) for c in _messages.columns} for row in (question, answer)],
         default=str,  # asyncpg's own UUIDs, in ids read from the database
     ).decode()
-    rows = (await connection.execute(_SEND_AT_ONCE, params)).all()
+    rows = await _SEND_AT_ONCE.fetch(connection, params)
     claimed = next((row for row in rows if row.part == _CLAIMED_PART), None)
     if claimed is None:
         return None
@@ -776,7 +777,7 @@ def _store_result_statement() -> Any:
     )
 
 
-_STORE_RESULT = _store_result_statement()
+_STORE_RESULT = DriverStatement(_store_result_statement())
 
 
 async def store_result_at_once(
@@ -787,13 +788,14 @@ async def store_result_at_once(
     moment: datetime,
     answered: bool,
     day: str,
-) -> Row[Any] | None:
-    """PostgreSQL: `finish_answer`, `touch_conversation` and `add_token_usage` in one statement
-    (run it in autocommit). The stored row with `owner_id` and `memory_tokens` (as
+) -> DriverRow | None:
+    """PostgreSQL: `finish_answer`, `touch_conversation` and `add_token_usage` in one statement,
+    which commits by itself. The stored row with `owner_id` and `memory_tokens` (as
     `TouchedConversation`; None when the conversation is gone), or None when the answer was
     final already (or is gone)."""
     params: dict[str, object] = {f"new_{name}": values.get(name) for name in _RESULT_COLUMNS}
     params["new_prompt_tokens"] = values.get("prompt_tokens")
     params["new_model"] = values.get("model")
     params.update(message_id=message_id, touched_at=moment, answered=answered, day=day)
-    return (await connection.execute(_STORE_RESULT, params)).one_or_none()
+    rows = await _STORE_RESULT.fetch(connection, params)
+    return rows[0] if rows else None

@@ -52,7 +52,7 @@ from helpline.conversations.models import (
 from helpline.conversations.repository import HistoryMessage
 from helpline.conversations.schemas import ConversationRead, MessageRead
 from helpline.core import metrics
-from helpline.core.database import autocommit_connection, on_commit, unit_of_work
+from helpline.core.database import DriverRow, on_commit, unit_of_work
 from helpline.jobs import service as jobs_service
 from helpline.kit.models import new_row, utcnow
 from helpline.realtime.engine import AnswerJob, AnswerResult, GenerationEngine, StoredAnswer
@@ -477,7 +477,7 @@ async def _send_at_once(
     )
     answer = _new_answer(model=engine.answerer.model, question=question, prompt_tokens=None)
     try:
-        async with autocommit_connection(database) as connection:
+        async with database.connect() as connection:
             sent = await repository.send_at_once(
                 connection,
                 conversation_id=conversation_id,
@@ -930,7 +930,7 @@ class ConversationAnswerStore:
         """PostgreSQL: the message, the conversation's activity and the usage charge in one
         statement, so in one round trip with no transaction around it (five round trips else,
         at ~0.2 ms of CPU each: `bench/answer_db.py`)."""
-        async with autocommit_connection(self.database) as connection:
+        async with self.database.connect() as connection:
             row = await repository.store_result_at_once(
                 connection,
                 message_id=result.message_id,
@@ -949,7 +949,7 @@ class ConversationAnswerStore:
         return self._stored(row)
 
     @staticmethod
-    def _stored(message: Message | Row[Any], *, changed: bool = True) -> StoredAnswer:
+    def _stored(message: Message | DriverRow, *, changed: bool = True) -> StoredAnswer:
         """The stored answer as the engine reports it (`changed`: stored by this call)."""
         usage = Usage(
             prompt_tokens=message.prompt_tokens or 0,

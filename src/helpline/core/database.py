@@ -10,14 +10,16 @@ with `on_commit(session, callback)`; hooks are dropped on rollback.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import namedtuple
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import asyncpg
 import structlog
 from fastapi import Depends, Request
-from sqlalchemy import event, text
-from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
+from sqlalchemy import Dialect, event, text
+from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -176,12 +178,73 @@ async def unit_of_work(
             await commit(session)
 
 
-@asynccontextmanager
-async def autocommit_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """A pooled connection whose statements each commit on their own: on PostgreSQL one round
-    trip for a statement, not three (`BEGIN`, the statement, `COMMIT`)."""
-    async with engine.connect() as connection:
-        yield await connection.execution_options(isolation_level="AUTOCOMMIT")
+# A row of a `DriverStatement`: a named tuple of its columns.
+DriverRow = Any
+
+
+class DriverStatement:
+    """A Core statement (PostgreSQL) compiled once and run on asyncpg's own connection.
+
+    For the statements every answer runs — its send and its store — SQLAlchemy's work at each
+    execution (the compiled cache's lookup, the parameters' and the rows' processing, the
+    greenlet hop) costs more CPU than asyncpg's own (a bare select: 161 µs against 70). The
+    statement is still built with SQLAlchemy and its types still convert the values both ways;
+    only the execution skips the engine. Rows have the statement's column names as attributes.
+    """
+
+    def __init__(self, statement: Any) -> None:
+        self.statement = statement
+        self._dialect: Dialect | None = None
+
+    def _compile(self, dialect: Dialect) -> None:
+        compiled = self.statement.compile(dialect=dialect)
+        self.sql: str = compiled.string
+        binds = compiled.binds
+        self._names: list[str] = list(compiled.positiontup or ())
+        self._fixed = {name: binds[name].value for name in self._names}
+        self._bind_processors = [
+            binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in self._names
+        ]
+        columns = list(self.statement.exported_columns)  # selected or returned
+        self._result_processors = [
+            column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns
+        ]
+        row_type: Any = namedtuple("DriverRow", [column.name for column in columns])  # type: ignore[misc]
+        self._make_row: Callable[[Any], Any] = row_type._make
+        self._dialect = dialect
+
+    async def fetch(self, connection: AsyncConnection, params: Mapping[str, Any]) -> list[Any]:
+        """The statement's rows, on `connection` (checked out of the engine's pool).
+
+        Errors come as SQLAlchemy's: a constraint's as `IntegrityError`, a lost connection as a
+        `DBAPIError` that invalidated it (the pool then replaces it)."""
+        dialect = connection.dialect
+        if self._dialect is not dialect:
+            self._compile(dialect)
+        args = []
+        for name, processor in zip(self._names, self._bind_processors, strict=True):
+            value = params[name] if name in params else self._fixed[name]
+            args.append(value if processor is None else processor(value))
+        driver = (await connection.get_raw_connection()).driver_connection
+        assert driver is not None  # a connection checked out is open
+        try:
+            records = await driver.fetch(self.sql, *args)
+        except asyncpg.IntegrityConstraintViolationError as exc:
+            raise IntegrityError(self.sql, args, exc) from exc
+        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
+            await connection.invalidate(exc)
+            raise DBAPIError(self.sql, args, exc, connection_invalidated=True) from exc
+        except asyncpg.PostgresError as exc:
+            raise DBAPIError(self.sql, args, exc) from exc
+        processors = self._result_processors
+        make_row = self._make_row
+        return [
+            make_row(
+                value if processor is None or value is None else processor(value)
+                for value, processor in zip(record.values(), processors, strict=True)
+            )
+            for record in records
+        ]
 
 
 @asynccontextmanager
