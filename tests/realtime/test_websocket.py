@@ -13,6 +13,7 @@ import jwt
 import pytest
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
+from sqlalchemy import event
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
 
@@ -210,6 +211,29 @@ async def test_the_handshake_echoes_the_request_id(
         assert response is not None
         assert response.headers["X-Request-ID"] == "support-widget-42"
         await socket.ping()
+
+
+async def test_a_handshake_does_its_lookups_on_one_pooled_connection(
+    live_server: LiveServer, http: httpx.AsyncClient, person: PartyFactory
+) -> None:
+    """Who connects and to which conversation: one checkout, not one per lookup."""
+    alice = await person()
+    conversation_id = await new_conversation(http, alice)
+    async with open_socket(live_server.ws_url, conversation_id, alice.token) as socket:
+        await socket.ping()  # the login is known now: later handshakes need not look it up
+    database = live_server.server.config.app.state.engine.sync_engine
+    checkouts: list[object] = []
+
+    def checked_out(*_: object) -> None:
+        checkouts.append(_)
+
+    event.listen(database, "checkout", checked_out)
+    try:
+        async with open_socket(live_server.ws_url, conversation_id, alice.token) as socket:
+            await socket.ping()
+    finally:
+        event.remove(database, "checkout", checked_out)
+    assert len(checkouts) == 1
 
 
 @with_settings(database_pool_size=2)  # one handshake at a time does its database work

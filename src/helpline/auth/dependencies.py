@@ -16,6 +16,7 @@ import jwt
 from fastapi import Depends, Request, WebSocket
 from fastapi.security import OAuth2PasswordBearer
 from fastapi.security.utils import get_authorization_scheme_param
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import HTTPConnection
@@ -136,16 +137,22 @@ def websocket_token(websocket: WebSocket) -> str | None:
     return None
 
 
-async def authenticate_websocket(websocket: WebSocket) -> WebSocketIdentity:
+async def authenticate_websocket(
+    websocket: WebSocket, session: AsyncSession | None = None
+) -> WebSocketIdentity:
     """Authenticate a handshake; raises `NotAuthenticated` (or a subclass) or `InactiveUser`.
 
-    Uses a short session of its own: a socket outlives any request's unit of work.
+    Looks up in `session`, or in a short session of its own: a socket outlives any request's
+    unit of work.
     """
     token = websocket_token(websocket)
     if not token:
         raise NotAuthenticated()
     env = auth_environment(websocket.app)
-    async with lookup_session(env.sessionmaker) as session:
+    if session is None:
+        async with lookup_session(env.sessionmaker) as own_session:
+            auth = await auth_service.authenticate(own_session, env=env, token=token)
+    else:
         auth = await auth_service.authenticate(session, env=env, token=token)
     if not auth.user.is_active:
         raise InactiveUser()

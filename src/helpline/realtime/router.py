@@ -12,20 +12,21 @@ import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import anyio
 import structlog
 from fastapi import APIRouter, Header, Query, Request, WebSocket
 from fastapi.responses import StreamingResponse
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.datastructures import Headers
 from starlette.routing import WebSocketRoute
 
-from helpline.auth.dependencies import CurrentUser, authenticate_websocket
+from helpline.auth.dependencies import CurrentUser, WebSocketIdentity, authenticate_websocket
 from helpline.conversations import service as conversations_service
 from helpline.conversations.dependencies import OwnedConversation
 from helpline.conversations.exceptions import AnswerNotFound
-from helpline.conversations.models import Message
+from helpline.conversations.models import Conversation, Message
 from helpline.conversations.schemas import MessageCreate
 from helpline.core import metrics
 from helpline.core.database import DbSession, lookup_session, release
@@ -90,50 +91,61 @@ async def _open_chat(websocket: WebSocket) -> ChatConnection | None:
         return await _find_chat(websocket)
 
 
+class Refused(NamedTuple):
+    """A handshake refused: the close code and reason."""
+
+    code: int
+    reason: str
+
+
 async def _find_chat(websocket: WebSocket) -> ChatConnection | None:
     """The database part of `_open_chat`: who connects, and to which conversation."""
     app_state = websocket.app.state
-    settings = app_state.settings
     try:
-        identity = await authenticate_websocket(websocket)
-    except AppError:
-        await websocket.close(code=CLOSE_UNAUTHORIZED, reason="Unauthorized")
-        return None
+        # Both lookups in one session: one pooled connection, not two.
+        async with lookup_session(app_state.sessionmaker) as session:
+            found = await _lookup_chat(websocket, session)
     except Exception:
         # The database is unreachable or overloaded: the client may retry.
         log.warning("ws.handshake_failed", exc_info=True)
-        await websocket.close(code=CLOSE_TRY_AGAIN_LATER, reason="Try again later")
+        found = Refused(CLOSE_TRY_AGAIN_LATER, "Try again later")
+    if isinstance(found, Refused):
+        await websocket.close(code=found.code, reason=found.reason)
         return None
-    try:
-        conversation_id = uuid.UUID(websocket.path_params["conversation_id"])
-    except ValueError:
-        await websocket.close(code=CLOSE_NOT_FOUND, reason="Conversation not found")
-        return None
-    try:
-        async with lookup_session(app_state.sessionmaker) as session:
-            conversation = await conversations_service.get_conversation(
-                session, user=identity.user, conversation_id=conversation_id
-            )
-    except Forbidden:
-        await websocket.close(code=CLOSE_FORBIDDEN, reason="Forbidden")
-        return None
-    except NotFound:
-        await websocket.close(code=CLOSE_NOT_FOUND, reason="Conversation not found")
-        return None
-    except Exception:
-        log.warning("ws.handshake_failed", exc_info=True)
-        await websocket.close(code=CLOSE_TRY_AGAIN_LATER, reason="Try again later")
-        return None
+    identity, conversation = found
     return ChatConnection(
         websocket,
         identity=identity,
         conversation=conversation,
         engine=app_state.generation_engine,
         sessionmaker=app_state.sessionmaker,
-        settings=settings,
+        settings=app_state.settings,
         frame_limiter=app_state.ws_frame_limiter,
         before_chat=app_state.before_model_call,
     )
+
+
+async def _lookup_chat(
+    websocket: WebSocket, session: AsyncSession
+) -> tuple[WebSocketIdentity, Conversation] | Refused:
+    """The socket's user and conversation, or why it is refused."""
+    try:
+        identity = await authenticate_websocket(websocket, session)
+    except AppError:
+        return Refused(CLOSE_UNAUTHORIZED, "Unauthorized")
+    try:
+        conversation_id = uuid.UUID(websocket.path_params["conversation_id"])
+    except ValueError:
+        return Refused(CLOSE_NOT_FOUND, "Conversation not found")
+    try:
+        conversation = await conversations_service.get_conversation(
+            session, user=identity.user, conversation_id=conversation_id
+        )
+    except Forbidden:
+        return Refused(CLOSE_FORBIDDEN, "Forbidden")
+    except NotFound:
+        return Refused(CLOSE_NOT_FOUND, "Conversation not found")
+    return identity, conversation
 
 
 # Served by `helpline.main.Helpline` ahead of the middleware stack (unless tracing is on).
