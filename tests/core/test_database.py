@@ -191,3 +191,41 @@ async def test_a_burst_of_work_leaves_its_connections_in_the_pool(
         assert second == first
     finally:
         await engine.dispose()
+
+
+async def test_a_sqlite_connection_is_rolled_back_on_its_return_only_when_it_began_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write left uncommitted is rolled back when its connection goes back to the pool; a
+    connection that began nothing goes back without a trip to its thread."""
+    from sqlalchemy.dialects.sqlite.aiosqlite import AsyncAdapt_aiosqlite_connection
+
+    rollbacks: list[object] = []
+    roll_back = AsyncAdapt_aiosqlite_connection.rollback
+
+    def counted(self: AsyncAdapt_aiosqlite_connection) -> None:
+        rollbacks.append(self)
+        roll_back(self)
+
+    monkeypatch.setattr(AsyncAdapt_aiosqlite_connection, "rollback", counted)
+    engine = create_engine(make_settings(f"sqlite+aiosqlite:///{tmp_path}/reset.db", tmp_path))
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text("CREATE TABLE probes (name TEXT)"))
+        rollbacks.clear()
+        async with engine.connect() as connection:
+            await connection.execute(text("SELECT count(*) FROM probes"))
+            await connection.commit()
+        assert rollbacks == []
+
+        async with engine.connect() as connection:
+            # Begun below SQLAlchemy, which does not know to roll it back.
+            driver = (await connection.get_raw_connection()).driver_connection
+            assert driver is not None
+            await driver.execute("BEGIN IMMEDIATE")
+            await driver.execute("INSERT INTO probes VALUES ('left uncommitted')")
+        assert len(rollbacks) == 1
+        async with engine.connect() as connection:
+            assert (await connection.execute(text("SELECT count(*) FROM probes"))).scalar() == 0
+    finally:
+        await engine.dispose()

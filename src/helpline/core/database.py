@@ -53,6 +53,8 @@ def create_engine(
     kwargs: dict[str, Any] = {"echo": settings.database_echo}
     if settings.is_sqlite:
         kwargs["connect_args"] = {"timeout": 30}
+        # Reset by `_configure_sqlite`: a rollback only when a transaction is open.
+        kwargs["pool_reset_on_return"] = None
     else:
         kwargs.update(
             pool_size=settings.database_pool_size,
@@ -124,6 +126,19 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
             return
         if statement.lstrip()[:9].upper().startswith(_SQLITE_WRITES):
             cursor.execute("BEGIN IMMEDIATE")
+
+    @event.listens_for(engine.sync_engine, "reset")
+    def _roll_back_if_begun(dbapi_connection: Any, _: Any, reset_state: Any) -> None:
+        # Every call on an aiosqlite connection is a trip to its thread and back: a connection
+        # going back to the pool with no transaction open (most: reads begin none) skips it.
+        if not reset_state.asyncio_safe:
+            return  # outside the event loop (garbage collected): as SQLAlchemy's own reset
+        try:
+            begun = dbapi_connection.driver_connection.in_transaction
+        except ValueError:
+            return  # closed: nothing to roll back
+        if begun:
+            dbapi_connection.rollback()
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
