@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -16,7 +17,13 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from helpline.auth.models import User, UserRole
-from helpline.core.database import DriverStatement, create_engine, lookup_session
+from helpline.core.database import (
+    DriverStatement,
+    SqliteWork,
+    create_engine,
+    in_sqlite_transaction,
+    lookup_session,
+)
 from helpline.kit.models import UTCDateTime, enum_column
 from tests.conftest import make_settings
 
@@ -229,3 +236,40 @@ async def test_a_sqlite_connection_is_rolled_back_on_its_return_only_when_it_beg
             assert (await connection.execute(text("SELECT count(*) FROM probes"))).scalar() == 0
     finally:
         await engine.dispose()
+
+
+async def test_a_sqlite_transaction_runs_driver_statements_and_rolls_back_what_failed(
+    tmp_path: Path,
+) -> None:
+    """`in_sqlite_transaction`: the types convert values as SQLAlchemy would, and work that
+    raises leaves nothing behind (a constraint's failure comes as an `IntegrityError`)."""
+    engine = create_engine(make_settings(f"sqlite+aiosqlite:///{tmp_path}/work.db", tmp_path))
+    seen = datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone(timedelta(hours=2)))
+
+    def probe(name: str, role: UserRole | str) -> dict[str, object]:
+        return {"id": uuid.uuid4(), "name": name, "role": role, "seen_at": seen}
+
+    def add_then_repeat(work: SqliteWork) -> None:
+        work.fetch(ADD_PROBE, probe("rolled back", UserRole.AGENT))
+        work.fetch(ADD_PROBE, probe("twice", UserRole.AGENT))
+        work.fetch(ADD_PROBE, probe("twice", UserRole.AGENT))
+
+    def add_then_read(work: SqliteWork) -> list[Any]:
+        for name, role in (("b", UserRole.AGENT), ("c", UserRole.CUSTOMER), ("a", "agent")):
+            work.fetch(ADD_PROBE, probe(name, role))
+        return work.fetch(AGENT_PROBES, {})
+
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(PROBES.metadata.create_all)
+            await connection.commit()
+            with pytest.raises(IntegrityError):
+                await in_sqlite_transaction(connection, add_then_repeat)
+            rows = await in_sqlite_transaction(connection, add_then_read)
+    finally:
+        await engine.dispose()
+    assert [(row.name, row.role, row.seen_at) for row in rows] == [
+        ("a", UserRole.AGENT, seen),
+        ("b", UserRole.AGENT, seen),
+    ]
+    assert all(type(row.role) is UserRole and row.seen_at.tzinfo is UTC for row in rows)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -47,7 +47,12 @@ from helpline.conversations.models import (
     MessageStatus,
     TokenUsage,
 )
-from helpline.core.database import DriverRow, DriverStatement
+from helpline.core.database import (
+    DriverRow,
+    DriverStatement,
+    SqliteWork,
+    in_sqlite_transaction,
+)
 from helpline.kit.pagination import paginate, split_page
 
 # The statements a send and an answer's result run (on the way to every first token) are built
@@ -295,15 +300,8 @@ async def send_context(
     def first_id(part: int) -> uuid.UUID | None:
         return next((row.id for row in rows if row.part == part), None)
 
-    recent_rows = sorted(
-        (row for row in rows if row.part == _RECENT_PART), key=lambda row: (row.created_at, row.id)
-    )
-    recent = [
-        HistoryMessage(row.role, row.content, row.token_count, row.created_at)
-        for row in recent_rows
-    ]
     return SendContext(
-        recent=recent,
+        recent=_oldest_first(row for row in rows if row.part == _RECENT_PART),
         streaming_answer_id=first_id(_STREAMING_PART),
         same_client_id=first_id(_SAME_CLIENT_ID_PART),
     )
@@ -324,22 +322,12 @@ async def insert_messages(session: AsyncSession, messages: Sequence[Message]) ->
 _CLAIMED_PART = 3  # beside `_RECENT_PART`, as in `_SEND_CONTEXT`
 
 
-def _send_at_once_statement() -> Any:
-    """PostgreSQL: the common send (a customer's message in an `open` conversation with no answer
-    streaming and a new client id) as one statement of data-modifying `WITH` clauses, run in
-    autocommit: the conversation touched, the question and the `streaming` answer inserted, and
-    the history the answer needs read, in one round trip.
-
-    `claimed` is the lock (`UPDATE`, which waits for a concurrent send and then checks its
-    conditions against the row as that send left it). The `NOT EXISTS` checks see the rows as
-    they were when the statement began: a send that committed while this one waited for the
-    lock is caught by the unique constraints instead (client id, one streaming answer), which
-    fail the whole statement. Nothing matched or a constraint failed: nothing was written, and
-    the caller takes the transactional path, which tells why.
-    """
+def _claim_statement() -> Any:
+    """The common send's claim on its conversation: touched if it is the author's, `open`, with
+    no answer streaming and no message of the same client id (`RETURNING` its summary)."""
     conversation_id = bindparam("conversation_id", type_=_conversations.c.id.type)
     in_conversation = _messages.c.conversation_id == conversation_id
-    claimed = (
+    return (
         update(_conversations)
         .where(
             _conversations.c.id == conversation_id,
@@ -357,8 +345,25 @@ def _send_at_once_statement() -> Any:
         )
         .values(updated_at=bindparam("touch"))
         .returning(_conversations.c.summary, _conversations.c.summary_until)
-        .cte("claimed")
     )
+
+
+def _send_at_once_statement() -> Any:
+    """PostgreSQL: the common send (a customer's message in an `open` conversation with no answer
+    streaming and a new client id) as one statement of data-modifying `WITH` clauses, run in
+    autocommit: the conversation touched, the question and the `streaming` answer inserted, and
+    the history the answer needs read, in one round trip.
+
+    `claimed` is the lock (`UPDATE`, which waits for a concurrent send and then checks its
+    conditions against the row as that send left it). The `NOT EXISTS` checks see the rows as
+    they were when the statement began: a send that committed while this one waited for the
+    lock is caught by the unique constraints instead (client id, one streaming answer), which
+    fail the whole statement. Nothing matched or a constraint failed: nothing was written, and
+    the caller takes the transactional path, which tells why.
+    """
+    conversation_id = bindparam("conversation_id", type_=_conversations.c.id.type)
+    in_conversation = _messages.c.conversation_id == conversation_id
+    claimed = _claim_statement().cte("claimed")
     recent = (
         select(*_CONTEXT_COLUMNS)
         .where(in_conversation)
@@ -480,18 +485,66 @@ async def send_at_once(
     claimed = next((row for row in rows if row.part == _CLAIMED_PART), None)
     if claimed is None:
         return None
-    history = sorted(
-        (row for row in rows if row.part == _RECENT_PART), key=lambda row: (row.created_at, row.id)
-    )
     return SentAtOnce(
         summary=claimed.summary,
         summary_until=claimed.summary_until,
-        recent=[
-            HistoryMessage(row.role, row.content, row.token_count, row.created_at)
-            for row in history
-        ],
+        recent=_oldest_first(row for row in rows if row.part == _RECENT_PART),
         answer_prompt_tokens=claimed.answer_prompt_tokens,
     )
+
+
+_CLAIM = DriverStatement(_claim_statement())
+_RECENT_MESSAGES = DriverStatement(select(*_RECENT.c))
+_INSERT_MESSAGE_ROW = DriverStatement(_INSERT_MESSAGE)
+
+
+async def send_at_once_sqlite(
+    connection: AsyncConnection,
+    *,
+    conversation_id: uuid.UUID,
+    author_id: uuid.UUID,
+    client_message_id: str | None,
+    question: Message,
+    answer: Message,
+    recent_limit: int,
+    answer_prompt_tokens: Callable[[Sequence[HistoryMessage], datetime | None], int],
+) -> SentAtOnce | None:
+    """SQLite: the send of `send_at_once` as one transaction (the claim, the history, the two
+    rows) run in one trip to the connection's thread. `answer_prompt_tokens(recent,
+    summary_until)` gives the answer row's prompt estimate. None when nothing was stored."""
+    claim = {
+        "conversation_id": conversation_id,
+        "author_id": author_id,
+        "client_message_id": client_message_id,
+        "touch": question.created_at,
+    }
+    rows = [{c.key: getattr(row, c.key) for c in _messages.columns} for row in (question, answer)]
+
+    def send(work: SqliteWork) -> SentAtOnce | None:
+        claimed = work.fetch(_CLAIM, claim)
+        if not claimed:
+            return None
+        summary, summary_until = claimed[0]
+        recent = _oldest_first(
+            work.fetch(
+                _RECENT_MESSAGES, {"conversation_id": conversation_id, "recent_limit": recent_limit}
+            )
+        )
+        prompt_tokens = answer_prompt_tokens(recent, summary_until)
+        rows[1]["prompt_tokens"] = prompt_tokens
+        for row in rows:
+            work.fetch(_INSERT_MESSAGE_ROW, row)
+        return SentAtOnce(summary, summary_until, recent, prompt_tokens)
+
+    return await in_sqlite_transaction(connection, send)
+
+
+def _oldest_first(rows: Iterable[Any]) -> list[HistoryMessage]:
+    """Context rows (`_CONTEXT_COLUMNS`) as history, oldest first."""
+    return [
+        HistoryMessage(row.role, row.content, row.token_count, row.created_at)
+        for row in sorted(rows, key=lambda row: (row.created_at, row.id))
+    ]
 
 
 async def get_streaming_answer(session: AsyncSession, conversation_id: uuid.UUID) -> Message | None:

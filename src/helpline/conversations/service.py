@@ -291,6 +291,13 @@ def _question_prompt_tokens(question: Message) -> int:
     )
 
 
+def _prompt_estimate(question: Message, history: Sequence[ChatMessage]) -> int:
+    """The prompt of the answer to `question` with `history` before it, as first estimated."""
+    return _question_prompt_tokens(question) + sum(
+        estimate_message_tokens(message) for message in history
+    )
+
+
 def _plan_answer(
     *,
     model: str,
@@ -300,10 +307,9 @@ def _plan_answer(
 ) -> tuple[Message, AnswerJob]:
     """The `streaming` answer row to insert and the job that answers."""
     history = _history_since(prior, conversation.summary_until)
-    prompt_estimate = _question_prompt_tokens(question) + sum(
-        estimate_message_tokens(message) for message in history
+    answer = _new_answer(
+        model=model, question=question, prompt_tokens=_prompt_estimate(question, history)
     )
-    answer = _new_answer(model=model, question=question, prompt_tokens=prompt_estimate)
     job = _answer_job(
         user_id=conversation.user_id,
         summary=conversation.summary,
@@ -427,7 +433,7 @@ async def post_message(
     """
     database: AsyncEngine = sessionmaker.kw["bind"]
     # Staff write in conversations of others (an agent's reply): never the common send.
-    if database.dialect.name == "postgresql" and engine.accepting and not is_staff(author):
+    if engine.accepting and not is_staff(author):
         sent = await _send_at_once(
             database,
             engine=engine,
@@ -464,9 +470,10 @@ async def _send_at_once(
     content: str,
     client_message_id: str | None,
 ) -> SendResult | None:
-    """PostgreSQL: the common send in one statement and one round trip, in autocommit (a
-    transaction is four: `bench/answer_db.py`). None when it is not the common case (or a
-    concurrent send got there first): nothing was stored, and `send_message` tells why."""
+    """The common send in one round trip: on PostgreSQL one statement in autocommit (a
+    transaction is four round trips: `bench/answer_db.py`), on SQLite one transaction in one
+    trip to the connection's thread. None when it is not the common case (or a concurrent send
+    got there first): nothing was stored, and `send_message` tells why."""
     question = _new_question(
         conversation_id=conversation_id,
         author=author,
@@ -478,16 +485,30 @@ async def _send_at_once(
     answer = _new_answer(model=engine.answerer.model, question=question, prompt_tokens=None)
     try:
         async with database.connect() as connection:
-            sent = await repository.send_at_once(
-                connection,
-                conversation_id=conversation_id,
-                author_id=author.id,
-                client_message_id=client_message_id,
-                question=question,
-                answer=answer,
-                answer_prompt_base=_question_prompt_tokens(question),
-                recent_limit=HISTORY_MESSAGES,
-            )
+            if database.dialect.name == "postgresql":
+                sent = await repository.send_at_once(
+                    connection,
+                    conversation_id=conversation_id,
+                    author_id=author.id,
+                    client_message_id=client_message_id,
+                    question=question,
+                    answer=answer,
+                    answer_prompt_base=_question_prompt_tokens(question),
+                    recent_limit=HISTORY_MESSAGES,
+                )
+            else:
+                sent = await repository.send_at_once_sqlite(
+                    connection,
+                    conversation_id=conversation_id,
+                    author_id=author.id,
+                    client_message_id=client_message_id,
+                    question=question,
+                    answer=answer,
+                    recent_limit=HISTORY_MESSAGES,
+                    answer_prompt_tokens=lambda recent, summary_until: _prompt_estimate(
+                        question, _history_since(recent, summary_until)
+                    ),
+                )
             if sent is None:
                 return None
             # Started before the connection goes back to the pool: committed, the answer is

@@ -9,11 +9,13 @@ with `on_commit(session, callback)`; hooks are dropped on rollback.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections import namedtuple
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar, cast
 
 import asyncpg
 import structlog
@@ -195,71 +197,148 @@ async def unit_of_work(
 
 # A row of a `DriverStatement`: a named tuple of its columns.
 DriverRow = Any
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """A `DriverStatement` for one dialect: its SQL, and how values go in and come out."""
+
+    sql: str
+    names: list[str]
+    fixed: dict[str, Any]
+    bind_processors: list[Callable[[Any], Any] | None]
+    result_processors: list[Callable[[Any], Any] | None]
+    make_row: Callable[[Any], Any]
+
+    @classmethod
+    def of(cls, statement: Any, dialect: Dialect) -> _Compiled:
+        compiled = statement.compile(dialect=dialect)
+        binds = compiled.binds
+        names = list(compiled.positiontup or ())
+        columns = list(statement.exported_columns)  # selected or returned
+        row_type: Any = namedtuple("DriverRow", [column.name for column in columns])  # type: ignore[misc]
+        return cls(
+            sql=compiled.string,
+            names=names,
+            fixed={name: binds[name].value for name in names},
+            bind_processors=[
+                binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
+            ],
+            result_processors=[
+                column.type.dialect_impl(dialect).result_processor(dialect, None)
+                for column in columns
+            ],
+            make_row=row_type._make,
+        )
+
+    def args(self, params: Mapping[str, Any]) -> list[Any]:
+        args = []
+        for name, processor in zip(self.names, self.bind_processors, strict=True):
+            value = params[name] if name in params else self.fixed[name]
+            args.append(value if processor is None else processor(value))
+        return args
+
+    def rows(self, records: Iterable[Iterable[Any]]) -> list[DriverRow]:
+        processors = self.result_processors
+        make_row = self.make_row
+        return [
+            make_row(
+                value if processor is None or value is None else processor(value)
+                for value, processor in zip(record, processors, strict=True)
+            )
+            for record in records
+        ]
 
 
 class DriverStatement:
-    """A Core statement (PostgreSQL) compiled once and run on asyncpg's own connection.
+    """A Core statement compiled once and run on the database driver's own connection.
 
     For the statements every answer runs — its send and its store — SQLAlchemy's work at each
     execution (the compiled cache's lookup, the parameters' and the rows' processing, the
-    greenlet hop) costs more CPU than asyncpg's own (a bare select: 161 µs against 70). The
+    greenlet hop) costs more CPU than asyncpg's own (a bare select: 161 µs against 70), and on
+    SQLite each call is a trip to the connection's thread (`in_sqlite_transaction`). The
     statement is still built with SQLAlchemy and its types still convert the values both ways;
     only the execution skips the engine. Rows have the statement's column names as attributes.
     """
 
     def __init__(self, statement: Any) -> None:
         self.statement = statement
-        self._dialect: Dialect | None = None
+        self._compiled: dict[str, _Compiled] = {}
 
-    def _compile(self, dialect: Dialect) -> None:
-        compiled = self.statement.compile(dialect=dialect)
-        self.sql: str = compiled.string
-        binds = compiled.binds
-        self._names: list[str] = list(compiled.positiontup or ())
-        self._fixed = {name: binds[name].value for name in self._names}
-        self._bind_processors = [
-            binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in self._names
-        ]
-        columns = list(self.statement.exported_columns)  # selected or returned
-        self._result_processors = [
-            column.type.dialect_impl(dialect).result_processor(dialect, None) for column in columns
-        ]
-        row_type: Any = namedtuple("DriverRow", [column.name for column in columns])  # type: ignore[misc]
-        self._make_row: Callable[[Any], Any] = row_type._make
-        self._dialect = dialect
+    def compiled(self, dialect: Dialect) -> _Compiled:
+        compiled = self._compiled.get(dialect.name)
+        if compiled is None:
+            compiled = self._compiled[dialect.name] = _Compiled.of(self.statement, dialect)
+        return compiled
 
-    async def fetch(self, connection: AsyncConnection, params: Mapping[str, Any]) -> list[Any]:
-        """The statement's rows, on `connection` (checked out of the engine's pool).
+    async def fetch(
+        self, connection: AsyncConnection, params: Mapping[str, Any]
+    ) -> list[DriverRow]:
+        """PostgreSQL: the statement's rows, on `connection` (checked out of the pool).
 
         Errors come as SQLAlchemy's: a constraint's as `IntegrityError`, a lost connection as a
         `DBAPIError` that invalidated it (the pool then replaces it)."""
-        dialect = connection.dialect
-        if self._dialect is not dialect:
-            self._compile(dialect)
-        args = []
-        for name, processor in zip(self._names, self._bind_processors, strict=True):
-            value = params[name] if name in params else self._fixed[name]
-            args.append(value if processor is None else processor(value))
+        compiled = self.compiled(connection.dialect)
+        args = compiled.args(params)
         driver = (await connection.get_raw_connection()).driver_connection
         assert driver is not None  # a connection checked out is open
         try:
-            records = await driver.fetch(self.sql, *args)
+            records = await driver.fetch(compiled.sql, *args)
         except asyncpg.IntegrityConstraintViolationError as exc:
-            raise IntegrityError(self.sql, args, exc) from exc
+            raise IntegrityError(compiled.sql, args, exc) from exc
         except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
             await connection.invalidate(exc)
-            raise DBAPIError(self.sql, args, exc, connection_invalidated=True) from exc
+            raise DBAPIError(compiled.sql, args, exc, connection_invalidated=True) from exc
         except asyncpg.PostgresError as exc:
-            raise DBAPIError(self.sql, args, exc) from exc
-        processors = self._result_processors
-        make_row = self._make_row
-        return [
-            make_row(
-                value if processor is None or value is None else processor(value)
-                for value, processor in zip(record.values(), processors, strict=True)
-            )
-            for record in records
-        ]
+            raise DBAPIError(compiled.sql, args, exc) from exc
+        return compiled.rows(record.values() for record in records)
+
+
+class SqliteWork:
+    """Statements run in a SQLite connection's own thread, in `in_sqlite_transaction`."""
+
+    def __init__(self, sqlite: sqlite3.Connection, dialect: Dialect) -> None:
+        self.sqlite = sqlite
+        self.dialect = dialect
+
+    def fetch(self, statement: DriverStatement, params: Mapping[str, Any]) -> list[DriverRow]:
+        compiled = statement.compiled(self.dialect)
+        return compiled.rows(self.sqlite.execute(compiled.sql, compiled.args(params)).fetchall())
+
+
+async def in_sqlite_transaction(connection: AsyncConnection, work: Callable[[SqliteWork], T]) -> T:
+    """Run `work` in one write transaction (`BEGIN IMMEDIATE` … `COMMIT`, rolled back if it
+    raises) on the SQLite connection behind `connection`, in one trip to its thread.
+
+    aiosqlite runs each call in the connection's thread and waits for the answer: a trip there
+    and back costs more than SQLite's work on a small statement (a send took 14 of them, 2.2 ms
+    in all: `bench/answer_db.py`). This queues the whole transaction as one call, as
+    SQLAlchemy's own aiosqlite adapter queues some of its calls (aiosqlite has no public way).
+    Errors come as SQLAlchemy's (`IntegrityError`, `OperationalError`, `DBAPIError`).
+    """
+    driver: Any = (await connection.get_raw_connection()).driver_connection
+    dialect = connection.dialect
+
+    def transaction() -> T:
+        sqlite: sqlite3.Connection = driver._conn
+        sqlite.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(SqliteWork(sqlite, dialect))
+        except BaseException:
+            sqlite.execute("ROLLBACK")
+            raise
+        sqlite.execute("COMMIT")
+        return result
+
+    try:
+        return cast(T, await driver._execute(transaction))
+    except sqlite3.IntegrityError as exc:
+        raise IntegrityError(None, None, exc) from exc
+    except sqlite3.OperationalError as exc:
+        raise OperationalError(None, None, exc) from exc
+    except sqlite3.Error as exc:
+        raise DBAPIError(None, None, exc) from exc
 
 
 @asynccontextmanager
