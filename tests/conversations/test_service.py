@@ -16,7 +16,7 @@ from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from helpline.agents.providers.fake import FakeChatModel
-from helpline.agents.schemas import ChatMessage
+from helpline.agents.schemas import ChatMessage, Usage
 from helpline.agents.tokens import estimate_prompt_tokens
 from helpline.auth.models import User
 from helpline.conversations import repository, service
@@ -35,7 +35,7 @@ from helpline.conversations.models import (
 )
 from helpline.core.database import unit_of_work
 from helpline.kit.models import utcnow
-from helpline.realtime.engine import GenerationEngine
+from helpline.realtime.engine import AnswerResult, GenerationEngine
 from tests.factories import create_user
 from tests.realtime.helpers import eventually
 
@@ -400,20 +400,22 @@ async def test_an_answer_starts_with_the_prompt_estimate_of_the_history_it_gets(
 
 @contextlib.contextmanager
 def statements_run(database: AsyncEngine) -> Iterator[list[str]]:
-    """The statements `database` sends meanwhile: through SQLAlchemy, and those run on
-    asyncpg's own connection (`DriverStatement`)."""
+    """The statements this task sends `database` meanwhile (not the app's background tasks'):
+    through SQLAlchemy, and those run on asyncpg's own connection (`DriverStatement`)."""
     statements: list[str] = []
-    drivers: list[Any] = []
+    drivers: list[tuple[Any, Any]] = []
+    this_task = asyncio.current_task()
 
     def through_sqlalchemy(_conn: object, _cursor: object, statement: str, *_: object) -> None:
-        statements.append(statement)
+        if asyncio.current_task() is this_task:
+            statements.append(statement)
 
     def on_the_driver(query: Any) -> None:
         statements.append(query.query)
 
     def checked_out(dbapi_connection: Any, *_: object) -> None:
         driver = dbapi_connection.driver_connection
-        if hasattr(driver, "add_query_logger"):
+        if asyncio.current_task() is this_task and hasattr(driver, "add_query_logger"):
             driver.add_query_logger(on_the_driver)
             drivers.append(driver)
 
@@ -431,13 +433,15 @@ def statements_run(database: AsyncEngine) -> Iterator[list[str]]:
 
 @contextlib.contextmanager
 def trips_to_sqlite(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[object]]:
-    """The calls queued to aiosqlite connections' threads meanwhile (each a trip there and
-    back: SQLite's cost that matters on the way to the first token)."""
+    """The calls this task queues to aiosqlite connections' threads meanwhile (each a trip
+    there and back: SQLite's cost that matters on the way to the first token)."""
     trips: list[object] = []
     run = aiosqlite.Connection._execute
+    this_task = asyncio.current_task()
 
     async def counted(self: aiosqlite.Connection, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        trips.append(fn)
+        if asyncio.current_task() is this_task:
+            trips.append(fn)
         return await run(self, fn, *args, **kwargs)
 
     with monkeypatch.context() as patch:
@@ -464,6 +468,46 @@ async def test_a_customer_send_is_one_round_trip(
     else:
         assert (len(statements), len(trips)) == (0, 1)
     await stop(sessionmaker, engine, sent)
+
+
+async def test_storing_an_answer_is_one_round_trip_and_charges_its_usage(
+    app: FastAPI,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    session: AsyncSession,
+    engine: GenerationEngine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The answer's final state, the conversation's activity and the usage charge: one
+    statement on PostgreSQL, one transaction in one trip to the connection's thread on SQLite."""
+    owner = await create_user(session)
+    conversation = await new_conversation(sessionmaker, owner)
+    sent = await post(sessionmaker, engine, owner, conversation.id, "[[hang]] hi", "c-1")
+    assert sent.answer_id is not None
+    result = AnswerResult(
+        job_conversation_id=conversation.id,
+        message_id=sent.answer_id,
+        outcome="complete",
+        content="It is on its way.",
+        last_seq=5,
+        usage=Usage(prompt_tokens=40, completion_tokens=4),
+    )
+    with statements_run(app.state.engine) as statements, trips_to_sqlite(monkeypatch) as trips:
+        stored = await engine.store.store_result(result)
+    assert stored.changed
+    assert (stored.message["status"], stored.message["content"]) == ("complete", result.content)
+    if app.state.engine.dialect.name == "postgresql":
+        assert len(statements) == 1, statements
+    else:
+        assert (len(statements), len(trips)) == (0, 1)
+    async with sessionmaker() as check:
+        charged = await repository.get_token_usage(
+            check, user_id=owner.id, day=service.usage_day(utcnow())
+        )
+        touched = await check.get(Conversation, conversation.id)
+    assert charged == 44
+    assert touched is not None
+    assert touched.first_answer_at is not None
+    await stop(sessionmaker, engine, sent)  # its task finds it stored already
 
 
 async def test_a_send_that_waited_for_another_sends_lock_is_refused_and_stores_nothing(

@@ -13,7 +13,6 @@ from sqlalchemy import (
     JSON,
     Boolean,
     ColumnElement,
-    Row,
     Table,
     Text,
     and_,
@@ -591,31 +590,6 @@ async def streaming_answers_before(
     return [(row[0], row[1]) for row in (await session.execute(statement)).all()]
 
 
-_FINISH_ANSWER = (
-    update(_messages)
-    .where(
-        _messages.c.id == bindparam("message_id"),
-        _messages.c.status == MessageStatus.STREAMING,
-    )
-    .returning(*_messages.c)
-)
-
-
-async def finish_answer(
-    session: AsyncSession,
-    *,
-    message_id: uuid.UUID,
-    values: dict[str, object],
-) -> Row[Any] | None:
-    """Store an answer's final state (`values` by column), only if it is still `streaming`
-    (exactly once).
-
-    The stored row, or None when it was final already (or is gone).
-    """
-    result = await session.execute(_FINISH_ANSWER, {"message_id": message_id, **values})
-    return result.one_or_none()
-
-
 async def count_messages(session: AsyncSession, conversation_id: uuid.UUID) -> dict[str, int]:
     statement = (
         select(Message.role, func.count())
@@ -623,75 +597,6 @@ async def count_messages(session: AsyncSession, conversation_id: uuid.UUID) -> d
         .group_by(Message.role)
     )
     return {str(role): int(count) for role, count in (await session.execute(statement)).all()}
-
-
-@dataclass(frozen=True, slots=True)
-class TouchedConversation:
-    user_id: uuid.UUID
-    # The tokens of the messages exchanged after its running summary (all, without one).
-    memory_tokens: int
-
-
-# Not correlated with the updated row: SQLite renders a RETURNING clause's columns without
-# their table, and `id` in a subquery on messages would then be the message's.
-_SUMMARY_UNTIL = (
-    select(_conversations.c.summary_until)
-    .where(_conversations.c.id == bindparam("conversation_id"))
-    .scalar_subquery()
-)
-_MEMORY_TOKENS = (
-    select(func.coalesce(func.sum(_messages.c.token_count), 0))
-    .where(
-        *_memory_conditions(bindparam("conversation_id"), None),
-        or_(_SUMMARY_UNTIL.is_(None), _messages.c.created_at > _SUMMARY_UNTIL),
-    )
-    .scalar_subquery()
-)
-_TOUCH = (
-    update(_conversations)
-    .where(_conversations.c.id == bindparam("conversation_id"))
-    .returning(_conversations.c.user_id, _MEMORY_TOKENS)
-)
-_TOUCH_ANSWERED = _TOUCH.values(
-    first_answer_at=func.coalesce(_conversations.c.first_answer_at, bindparam("answered_at"))
-)
-
-
-async def touch_conversation(
-    session: AsyncSession, conversation_id: uuid.UUID, moment: datetime, *, answered: bool
-) -> TouchedConversation | None:
-    """Mark the conversation active at `moment` (and first answered, if it had no answer yet).
-
-    Its owner and the size of its verbatim memory, in the same round trip; None when it is
-    gone.
-    """
-    params: dict[str, object] = {"conversation_id": conversation_id, "updated_at": moment}
-    if answered:
-        params["answered_at"] = moment
-    result = await session.execute(_TOUCH_ANSWERED if answered else _TOUCH, params)
-    row = result.one_or_none()
-    return None if row is None else TouchedConversation(row[0], int(row[1] or 0))
-
-
-def _add_token_usage_statement(dialect: str) -> Any:
-    pending = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(_token_usage)
-    return pending.on_conflict_do_update(
-        index_elements=[_token_usage.c.user_id, _token_usage.c.day],
-        set_={"tokens": _token_usage.c.tokens + pending.excluded.tokens},
-    )
-
-
-_ADD_TOKEN_USAGE = {
-    dialect: _add_token_usage_statement(dialect) for dialect in ("postgresql", "sqlite")
-}
-
-
-async def add_token_usage(
-    session: AsyncSession, *, user_id: uuid.UUID, day: str, tokens: int
-) -> None:
-    """Add to the day's usage in one upsert: concurrent answers never lose a charge."""
-    statement = _ADD_TOKEN_USAGE[session.get_bind().dialect.name]
-    await session.execute(statement, {"user_id": user_id, "day": day, "tokens": tokens})
 
 
 async def get_token_usage(session: AsyncSession, *, user_id: uuid.UUID, day: str) -> int:
@@ -751,17 +656,12 @@ _RESULT_COLUMNS = (
 )
 
 
-def _store_result_statement() -> Any:
-    """The message's final state, the conversation's activity and the usage charge, as one
-    statement of data-modifying `WITH` clauses: one round trip, no transaction around it.
-
-    Each clause sees the rows as they were before the statement: the memory sum leaves the
-    answer out (still `streaming` there) and adds its tokens itself.
-    """
+def _finish_values() -> dict[str, Any]:
+    """An answer's final state, from `new_<column>` parameters (the prompt tokens and the
+    model kept unless the provider reported them)."""
     values: dict[str, Any] = {
         name: bindparam(f"new_{name}", type_=_messages.c[name].type) for name in _RESULT_COLUMNS
     }
-    # Kept unless the provider reported them.
     values["prompt_tokens"] = func.coalesce(
         bindparam("new_prompt_tokens", type_=_messages.c.prompt_tokens.type),
         _messages.c.prompt_tokens,
@@ -769,16 +669,30 @@ def _store_result_statement() -> Any:
     values["model"] = func.coalesce(
         bindparam("new_model", type_=_messages.c.model.type), _messages.c.model
     )
-    finished = (
+    return values
+
+
+def _finish_statement() -> Any:
+    """The answer's final state, if it is still `streaming` (so exactly once)."""
+    return (
         update(_messages)
         .where(
             _messages.c.id == bindparam("message_id"),
             _messages.c.status == MessageStatus.STREAMING,
         )
-        .values(values)
+        .values(_finish_values())
         .returning(*_messages.c)
-        .cte("finished")
     )
+
+
+def _store_result_statement() -> Any:
+    """The message's final state, the conversation's activity and the usage charge, as one
+    statement of data-modifying `WITH` clauses: one round trip, no transaction around it.
+
+    Each clause sees the rows as they were before the statement: the memory sum leaves the
+    answer out (still `streaming` there) and adds its tokens itself.
+    """
+    finished = _finish_statement().cte("finished")
     memory_tokens = (
         select(func.coalesce(func.sum(_messages.c.token_count), 0))
         .where(
@@ -833,6 +747,61 @@ def _store_result_statement() -> Any:
 _STORE_RESULT = DriverStatement(_store_result_statement())
 
 
+@dataclass(frozen=True, slots=True)
+class TouchedConversation:
+    user_id: uuid.UUID
+    # The tokens of the messages exchanged after its running summary (all, without one).
+    memory_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAtOnce:
+    message: DriverRow  # the answer's stored row
+    conversation: TouchedConversation | None  # None when the conversation is gone
+
+
+# SQLite: the three parts of `_STORE_RESULT`, run in one transaction.
+_FINISH = DriverStatement(_finish_statement())
+_SUMMARY_UNTIL = (
+    select(_conversations.c.summary_until)
+    .where(_conversations.c.id == bindparam("conversation_id"))
+    .scalar_subquery()
+)
+# Not correlated with the updated row: SQLite renders a RETURNING clause's columns without
+# their table, and `id` in a subquery on messages would then be the message's.
+_MEMORY_TOKENS = (
+    select(func.coalesce(func.sum(_messages.c.token_count), 0))
+    .where(
+        *_memory_conditions(bindparam("conversation_id"), None),
+        or_(_SUMMARY_UNTIL.is_(None), _messages.c.created_at > _SUMMARY_UNTIL),
+    )
+    .scalar_subquery()
+)
+_TOUCH = (
+    update(_conversations)
+    .where(_conversations.c.id == bindparam("conversation_id"))
+    .values(updated_at=bindparam("touched_at"))
+    .returning(_conversations.c.user_id, _MEMORY_TOKENS.label("memory_tokens"))
+)
+_TOUCH_AT = {
+    False: DriverStatement(_TOUCH),
+    True: DriverStatement(
+        _TOUCH.values(
+            first_answer_at=func.coalesce(_conversations.c.first_answer_at, bindparam("touched_at"))
+        )
+    ),
+}
+_charge = sqlite_insert(_token_usage).values(
+    user_id=bindparam("user_id"), day=bindparam("day"), tokens=bindparam("tokens")
+)
+_CHARGE = DriverStatement(
+    _charge.on_conflict_do_update(
+        index_elements=[_token_usage.c.user_id, _token_usage.c.day],
+        set_={"tokens": _token_usage.c.tokens + _charge.excluded.tokens},
+    )
+)
+
+
 async def store_result_at_once(
     connection: AsyncConnection,
     *,
@@ -841,14 +810,38 @@ async def store_result_at_once(
     moment: datetime,
     answered: bool,
     day: str,
-) -> DriverRow | None:
-    """PostgreSQL: `finish_answer`, `touch_conversation` and `add_token_usage` in one statement,
-    which commits by itself. The stored row with `owner_id` and `memory_tokens` (as
-    `TouchedConversation`; None when the conversation is gone), or None when the answer was
+) -> StoredAtOnce | None:
+    """An answer's final state (`values` by column), the conversation's activity and the usage
+    charge (the stored usage: cancelled and failed answers pay for what they streamed), all or
+    nothing and in one round trip: one statement on PostgreSQL (`_store_result_statement`),
+    one transaction in one trip to the connection's thread on SQLite. None when the answer was
     final already (or is gone)."""
     params: dict[str, object] = {f"new_{name}": values.get(name) for name in _RESULT_COLUMNS}
     params["new_prompt_tokens"] = values.get("prompt_tokens")
     params["new_model"] = values.get("model")
-    params.update(message_id=message_id, touched_at=moment, answered=answered, day=day)
-    rows = await _STORE_RESULT.fetch(connection, params)
-    return rows[0] if rows else None
+    params["message_id"] = message_id
+    if connection.dialect.name == "postgresql":
+        params.update(touched_at=moment, answered=answered, day=day)
+        rows = await _STORE_RESULT.fetch(connection, params)
+        if not rows:
+            return None
+        row = rows[0]
+        if row.owner_id is None:
+            return StoredAtOnce(row, None)
+        return StoredAtOnce(row, TouchedConversation(row.owner_id, row.memory_tokens))
+
+    def store(work: SqliteWork) -> StoredAtOnce | None:
+        finished = work.fetch(_FINISH, params)
+        if not finished:
+            return None
+        message = finished[0]
+        touch = {"conversation_id": message.conversation_id, "touched_at": moment}
+        touched = work.fetch(_TOUCH_AT[answered], touch)
+        if not touched:
+            return StoredAtOnce(message, None)
+        owner_id, memory_tokens = touched[0]
+        charge = (message.prompt_tokens or 0) + message.completion_tokens
+        work.fetch(_CHARGE, {"user_id": owner_id, "day": day, "tokens": charge})
+        return StoredAtOnce(message, TouchedConversation(owner_id, int(memory_tokens)))
+
+    return await in_sqlite_transaction(connection, store)

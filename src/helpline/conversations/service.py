@@ -920,39 +920,8 @@ class ConversationAnswerStore:
             values["prompt_tokens"] = result.usage.prompt_tokens
         if result.model:
             values["model"] = result.model
-        if self.database.dialect.name == "postgresql":
-            return await self._store_at_once(result, values, now)
-        async with unit_of_work(self.sessionmaker) as session:
-            message = await repository.finish_answer(
-                session, message_id=result.message_id, values=values
-            )
-            if message is None:
-                # Stored as final already (e.g. by another instance), or deleted meanwhile.
-                return await self._already_stored(session, result)
-            conversation = await repository.touch_conversation(
-                session, message.conversation_id, now, answered=bool(result.content)
-            )
-            if conversation is not None:
-                # Charged with the stored usage, in the same transaction: cancelled and failed
-                # answers pay for what they streamed.
-                await repository.add_token_usage(
-                    session,
-                    user_id=conversation.user_id,
-                    day=usage_day(now),
-                    tokens=(message.prompt_tokens or 0) + completion_tokens,
-                )
-                if self._summary_due(conversation.memory_tokens):
-                    await self._queue_summary(session, message.conversation_id)
-            return self._stored(message)
-
-    async def _store_at_once(
-        self, result: AnswerResult, values: dict[str, object], now: datetime
-    ) -> StoredAnswer:
-        """PostgreSQL: the message, the conversation's activity and the usage charge in one
-        statement, so in one round trip with no transaction around it (five round trips else,
-        at ~0.2 ms of CPU each: `bench/answer_db.py`)."""
         async with self.database.connect() as connection:
-            row = await repository.store_result_at_once(
+            stored = await repository.store_result_at_once(
                 connection,
                 message_id=result.message_id,
                 values=values,
@@ -960,14 +929,16 @@ class ConversationAnswerStore:
                 answered=bool(result.content),
                 day=usage_day(now),
             )
-        if row is None:
+        if stored is None:
+            # Stored as final already (e.g. by another instance), or deleted meanwhile.
             async with unit_of_work(self.sessionmaker) as session:
                 return await self._already_stored(session, result)
-        if row.owner_id is not None and self._summary_due(row.memory_tokens):
+        conversation = stored.conversation
+        if conversation is not None and self._summary_due(conversation.memory_tokens):
             # Its own transaction: memory is best effort, and the next answer checks again.
             async with unit_of_work(self.sessionmaker) as session:
-                await self._queue_summary(session, row.conversation_id)
-        return self._stored(row)
+                await self._queue_summary(session, stored.message.conversation_id)
+        return self._stored(stored.message)
 
     @staticmethod
     def _stored(message: Message | DriverRow, *, changed: bool = True) -> StoredAnswer:
