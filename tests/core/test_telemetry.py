@@ -433,3 +433,38 @@ async def test_a_chat_socket_has_a_session_span_over_its_handshake(settings: Set
         if span.kind == SpanKind.CLIENT and session.context.span_id in ancestors(span, spans)
     ]
     assert handshake_sql, [span.name for span in spans]
+
+
+async def test_a_send_and_its_answers_store_have_database_spans(traced: Traced) -> None:
+    """The statements run on the driver itself (`DriverStatement`) are traced as SQLAlchemy's
+    are: the send under the request, the store in the same trace."""
+    login = {"username": "traced-sender", "password": "correct-horse-battery"}
+    assert (await traced.client.post("/auth/register", json=login)).status_code == 201
+    token = (await traced.client.post("/auth/token", data=login)).json()["access_token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    conversation = (await traced.client.post("/conversations", json={}, headers=headers)).json()
+    response = await traced.client.post(
+        f"/conversations/{conversation['id']}/messages",
+        json={"content": "Where is my parcel? [[tokens=3]]"},
+        headers=headers,
+    )
+    assert response.status_code == 201, response.text
+
+    spans = traced.spans()
+    request = next(
+        span
+        for span in spans
+        if span.kind == SpanKind.SERVER and span.name.startswith("POST /conversations/")
+    )
+
+    def statement(span: ReadableSpan) -> str:
+        return str((span.attributes or {}).get("db.statement", ""))
+
+    sends = [span for span in spans if "INSERT INTO messages" in statement(span)]
+    stores = [span for span in spans if "INSERT INTO token_usage" in statement(span)]
+    assert len(sends) == 1, [span.name for span in spans]
+    assert sends[0].kind == SpanKind.CLIENT
+    assert request.context.span_id in ancestors(sends[0], spans)
+    assert len(stores) == 1, [span.name for span in spans]
+    assert stores[0].kind == SpanKind.CLIENT
+    assert stores[0].context.trace_id == request.context.trace_id

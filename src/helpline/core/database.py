@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import sqlite3
 import time
+import weakref
 from collections import namedtuple
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar, cast
 
 import asyncpg
 import structlog
 from fastapi import Depends, Request
-from sqlalchemy import Dialect, event, text
+from opentelemetry.trace import SpanKind, Tracer
+from sqlalchemy import Dialect, Engine, event, text
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -199,6 +201,36 @@ async def unit_of_work(
 DriverRow = Any
 T = TypeVar("T")
 
+# Engines traced (`helpline.core.telemetry`), with their tracer: statements run on the driver
+# get spans as those SQLAlchemy runs do.
+_driver_tracers: weakref.WeakKeyDictionary[Engine, Tracer] = weakref.WeakKeyDictionary()
+
+
+def trace_driver_statements(engine: AsyncEngine, tracer: Tracer) -> None:
+    _driver_tracers[engine.sync_engine] = tracer
+
+
+@contextmanager
+def _driver_span(
+    connection: AsyncConnection, operation: str, statements: Callable[[], str]
+) -> Iterator[None]:
+    """A client span for statements run on the driver, when the engine is traced
+    (`statements`: the SQL run, read once it ran)."""
+    tracer = _driver_tracers.get(connection.sync_engine)
+    if tracer is None:
+        yield
+        return
+    database = connection.sync_engine.url.database or ""
+    with tracer.start_as_current_span(
+        f"{operation} {database}".strip(),
+        kind=SpanKind.CLIENT,
+        attributes={"db.system": connection.dialect.name, "db.name": database},
+    ) as span:
+        try:
+            yield
+        finally:
+            span.set_attribute("db.statement", statements())
+
 
 @dataclass(frozen=True, slots=True)
 class _Compiled:
@@ -284,7 +316,8 @@ class DriverStatement:
         driver = (await connection.get_raw_connection()).driver_connection
         assert driver is not None  # a connection checked out is open
         try:
-            records = await driver.fetch(compiled.sql, *args)
+            with _driver_span(connection, compiled.sql.split(None, 1)[0], lambda: compiled.sql):
+                records = await driver.fetch(compiled.sql, *args)
         except asyncpg.IntegrityConstraintViolationError as exc:
             raise IntegrityError(compiled.sql, args, exc) from exc
         except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
@@ -298,12 +331,14 @@ class DriverStatement:
 class SqliteWork:
     """Statements run in a SQLite connection's own thread, in `in_sqlite_transaction`."""
 
-    def __init__(self, sqlite: sqlite3.Connection, dialect: Dialect) -> None:
+    def __init__(self, sqlite: sqlite3.Connection, dialect: Dialect, log: list[str]) -> None:
         self.sqlite = sqlite
         self.dialect = dialect
+        self.log = log  # the statements run, for the transaction's span
 
     def fetch(self, statement: DriverStatement, params: Mapping[str, Any]) -> list[DriverRow]:
         compiled = statement.compiled(self.dialect)
+        self.log.append(compiled.sql)
         return compiled.rows(self.sqlite.execute(compiled.sql, compiled.args(params)).fetchall())
 
 
@@ -319,12 +354,13 @@ async def in_sqlite_transaction(connection: AsyncConnection, work: Callable[[Sql
     """
     driver: Any = (await connection.get_raw_connection()).driver_connection
     dialect = connection.dialect
+    statements: list[str] = []
 
     def transaction() -> T:
         sqlite: sqlite3.Connection = driver._conn
         sqlite.execute("BEGIN IMMEDIATE")
         try:
-            result = work(SqliteWork(sqlite, dialect))
+            result = work(SqliteWork(sqlite, dialect, statements))
         except BaseException:
             sqlite.execute("ROLLBACK")
             raise
@@ -332,7 +368,8 @@ async def in_sqlite_transaction(connection: AsyncConnection, work: Callable[[Sql
         return result
 
     try:
-        return cast(T, await driver._execute(transaction))
+        with _driver_span(connection, "BEGIN", lambda: ";\n".join(statements)):
+            return cast(T, await driver._execute(transaction))
     except sqlite3.IntegrityError as exc:
         raise IntegrityError(None, None, exc) from exc
     except sqlite3.OperationalError as exc:

@@ -53,6 +53,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from structlog.types import EventDict
 
 from helpline.core.config import Settings
+from helpline.core.database import trace_driver_statements
 from helpline.core.logging import add_log_enricher, redact_url
 
 TRACER_NAME: Final = "helpline"
@@ -218,6 +219,7 @@ def _instrument_engine(provider: TracerProvider, engine: AsyncEngine) -> None:
         .create_up_down_counter("db.client.connections.usage")
     )
     EngineTracer(tracer, sync_engine, connections)  # type: ignore[no-untyped-call]
+    trace_driver_statements(engine, tracer)
     _instrumented_engines.add(sync_engine)
 
 
