@@ -453,6 +453,11 @@ class SentAtOnce:
     answer_prompt_tokens: int
 
 
+_CLAIM = DriverStatement(_claim_statement())
+_RECENT_MESSAGES = DriverStatement(select(*_RECENT.c))
+_INSERT_MESSAGE_ROW = DriverStatement(_INSERT_MESSAGE)
+
+
 async def send_at_once(
     connection: AsyncConnection,
     *,
@@ -461,75 +466,54 @@ async def send_at_once(
     client_message_id: str | None,
     question: Message,
     answer: Message,
-    answer_prompt_base: int,
     recent_limit: int,
+    answer_prompt_base: int,
+    history_prompt_tokens: Callable[[Sequence[HistoryMessage], datetime | None], int],
 ) -> SentAtOnce | None:
-    """PostgreSQL, in autocommit: see `_send_at_once_statement`. None when nothing was stored
-    because the send is not the common case; a unique constraint's `IntegrityError` when a
-    concurrent send got there first."""
-    params: dict[str, object] = {
+    """The common send in one round trip, which commits by itself: on PostgreSQL one statement
+    (`_send_at_once_statement`), on SQLite one transaction (the claim, the history, the two
+    rows) in one trip to the connection's thread.
+
+    The answer row's prompt estimate is `answer_prompt_base` (the question's part) plus
+    `history_prompt_tokens(recent, summary_until)`, the part of the history the answer gets
+    (computed in the statement on PostgreSQL: a test checks the two agree). None when nothing
+    was stored because the send is not the common case; a unique constraint's `IntegrityError`
+    when a concurrent send got there first.
+    """
+    claim: dict[str, object] = {
         "conversation_id": conversation_id,
         "author_id": author_id,
         "client_message_id": client_message_id,
         "touch": question.created_at,
         "recent_limit": recent_limit,
-        "answer_prompt_base": answer_prompt_base,
-        "answer_id": answer.id,
-    }
-    params["rows"] = orjson.dumps(
-        [{c.key: getattr(row, c.key) for c in _messages.columns} for row in (question, answer)],
-        default=str,  # asyncpg's own UUIDs, in ids read from the database
-    ).decode()
-    rows = await _SEND_AT_ONCE.fetch(connection, params)
-    claimed = next((row for row in rows if row.part == _CLAIMED_PART), None)
-    if claimed is None:
-        return None
-    return SentAtOnce(
-        summary=claimed.summary,
-        summary_until=claimed.summary_until,
-        recent=_oldest_first(row for row in rows if row.part == _RECENT_PART),
-        answer_prompt_tokens=claimed.answer_prompt_tokens,
-    )
-
-
-_CLAIM = DriverStatement(_claim_statement())
-_RECENT_MESSAGES = DriverStatement(select(*_RECENT.c))
-_INSERT_MESSAGE_ROW = DriverStatement(_INSERT_MESSAGE)
-
-
-async def send_at_once_sqlite(
-    connection: AsyncConnection,
-    *,
-    conversation_id: uuid.UUID,
-    author_id: uuid.UUID,
-    client_message_id: str | None,
-    question: Message,
-    answer: Message,
-    recent_limit: int,
-    answer_prompt_tokens: Callable[[Sequence[HistoryMessage], datetime | None], int],
-) -> SentAtOnce | None:
-    """SQLite: the send of `send_at_once` as one transaction (the claim, the history, the two
-    rows) run in one trip to the connection's thread. `answer_prompt_tokens(recent,
-    summary_until)` gives the answer row's prompt estimate. None when nothing was stored."""
-    claim = {
-        "conversation_id": conversation_id,
-        "author_id": author_id,
-        "client_message_id": client_message_id,
-        "touch": question.created_at,
     }
     rows = [{c.key: getattr(row, c.key) for c in _messages.columns} for row in (question, answer)]
+    if connection.dialect.name == "postgresql":
+        params = {
+            **claim,
+            "answer_prompt_base": answer_prompt_base,
+            "answer_id": answer.id,
+            # asyncpg's own UUIDs, in ids read from the database, as text.
+            "rows": orjson.dumps(rows, default=str).decode(),
+        }
+        found = await _SEND_AT_ONCE.fetch(connection, params)
+        claimed = next((row for row in found if row.part == _CLAIMED_PART), None)
+        if claimed is None:
+            return None
+        return SentAtOnce(
+            summary=claimed.summary,
+            summary_until=claimed.summary_until,
+            recent=_oldest_first(row for row in found if row.part == _RECENT_PART),
+            answer_prompt_tokens=claimed.answer_prompt_tokens,
+        )
 
     def send(work: SqliteWork) -> SentAtOnce | None:
         claimed = work.fetch(_CLAIM, claim)
         if not claimed:
             return None
         summary, summary_until = claimed[0]
-        recent = _oldest_first(
-            work.fetch(
-                _RECENT_MESSAGES, {"conversation_id": conversation_id, "recent_limit": recent_limit}
-            )
-        )
-        prompt_tokens = answer_prompt_tokens(recent, summary_until)
+        recent = _oldest_first(work.fetch(_RECENT_MESSAGES, claim))
+        prompt_tokens = answer_prompt_base + history_prompt_tokens(recent, summary_until)
         rows[1]["prompt_tokens"] = prompt_tokens
         for row in rows:
             work.fetch(_INSERT_MESSAGE_ROW, row)

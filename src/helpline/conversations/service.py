@@ -291,11 +291,11 @@ def _question_prompt_tokens(question: Message) -> int:
     )
 
 
-def _prompt_estimate(question: Message, history: Sequence[ChatMessage]) -> int:
-    """The prompt of the answer to `question` with `history` before it, as first estimated."""
-    return _question_prompt_tokens(question) + sum(
-        estimate_message_tokens(message) for message in history
-    )
+def _history_prompt_tokens(
+    prior: Sequence[HistoryMessage | Message], summary_until: datetime | None
+) -> int:
+    """The part of an answer's prompt estimate that the history it gets makes."""
+    return sum(estimate_message_tokens(message) for message in _history_since(prior, summary_until))
 
 
 def _plan_answer(
@@ -307,9 +307,10 @@ def _plan_answer(
 ) -> tuple[Message, AnswerJob]:
     """The `streaming` answer row to insert and the job that answers."""
     history = _history_since(prior, conversation.summary_until)
-    answer = _new_answer(
-        model=model, question=question, prompt_tokens=_prompt_estimate(question, history)
+    prompt_estimate = _question_prompt_tokens(question) + sum(
+        estimate_message_tokens(message) for message in history
     )
+    answer = _new_answer(model=model, question=question, prompt_tokens=prompt_estimate)
     job = _answer_job(
         user_id=conversation.user_id,
         summary=conversation.summary,
@@ -485,30 +486,17 @@ async def _send_at_once(
     answer = _new_answer(model=engine.answerer.model, question=question, prompt_tokens=None)
     try:
         async with database.connect() as connection:
-            if database.dialect.name == "postgresql":
-                sent = await repository.send_at_once(
-                    connection,
-                    conversation_id=conversation_id,
-                    author_id=author.id,
-                    client_message_id=client_message_id,
-                    question=question,
-                    answer=answer,
-                    answer_prompt_base=_question_prompt_tokens(question),
-                    recent_limit=HISTORY_MESSAGES,
-                )
-            else:
-                sent = await repository.send_at_once_sqlite(
-                    connection,
-                    conversation_id=conversation_id,
-                    author_id=author.id,
-                    client_message_id=client_message_id,
-                    question=question,
-                    answer=answer,
-                    recent_limit=HISTORY_MESSAGES,
-                    answer_prompt_tokens=lambda recent, summary_until: _prompt_estimate(
-                        question, _history_since(recent, summary_until)
-                    ),
-                )
+            sent = await repository.send_at_once(
+                connection,
+                conversation_id=conversation_id,
+                author_id=author.id,
+                client_message_id=client_message_id,
+                question=question,
+                answer=answer,
+                recent_limit=HISTORY_MESSAGES,
+                answer_prompt_base=_question_prompt_tokens(question),
+                history_prompt_tokens=_history_prompt_tokens,
+            )
             if sent is None:
                 return None
             # Started before the connection goes back to the pool: committed, the answer is
