@@ -117,6 +117,10 @@ async def test_a_driver_statement_converts_values_both_ways_as_sqlalchemy_would(
                 added = await ADD_PROBE.fetch(connection, probe)
                 assert [row.id for row in added] == [probe["id"]]
             rows = await AGENT_PROBES.fetch(connection, {})
+            with pytest.raises(KeyError, match="seen_at"):  # never written as NULL unasked
+                await ADD_PROBE.fetch(
+                    connection, {"id": uuid.uuid4(), "name": "d", "role": "agent"}
+                )
     finally:
         await engine.dispose()
     assert [(row.name, row.role, row.seen_at) for row in rows] == [

@@ -238,7 +238,7 @@ class _Compiled:
 
     sql: str
     names: list[str]
-    fixed: dict[str, Any]
+    fixed: dict[str, Any]  # the values the statement holds itself (the others must be given)
     bind_processors: list[Callable[[Any], Any] | None]
     result_processors: list[Callable[[Any], Any] | None]
     make_row: Callable[[Any], Any]
@@ -253,7 +253,7 @@ class _Compiled:
         return cls(
             sql=compiled.string,
             names=names,
-            fixed={name: binds[name].value for name in names},
+            fixed={name: binds[name].value for name in names if not binds[name].required},
             bind_processors=[
                 binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
             ],
@@ -265,6 +265,7 @@ class _Compiled:
         )
 
     def args(self, params: Mapping[str, Any]) -> list[Any]:
+        """The positional arguments for `params`; a `KeyError` names one not given."""
         args = []
         for name, processor in zip(self.names, self.bind_processors, strict=True):
             value = params[name] if name in params else self.fixed[name]
