@@ -44,6 +44,21 @@ AGENT_PROBES = DriverStatement(
     .order_by(PROBES.c.name)
 )
 BACKEND_PID = DriverStatement(select(func.pg_backend_pid().label("pid")))
+# Added in this order (a role also given as its plain value); AGENT_PROBES reads a and b.
+PROBED: tuple[tuple[str, UserRole | str], ...] = (
+    ("b", UserRole.AGENT),
+    ("c", UserRole.CUSTOMER),
+    ("a", "agent"),
+)
+
+
+def assert_the_agents_read_back(rows: list[Any], seen: datetime) -> None:
+    """The agents of PROBED, in name order, as SQLAlchemy's types give them back."""
+    assert [(row.name, row.role, row.seen_at) for row in rows] == [
+        ("a", UserRole.AGENT, seen),
+        ("b", UserRole.AGENT, seen),
+    ]
+    assert all(type(row.role) is UserRole and row.seen_at.tzinfo is UTC for row in rows)
 
 
 async def _terminate(postgres_url: str, pid: int) -> None:
@@ -112,7 +127,7 @@ async def test_a_driver_statement_converts_values_both_ways_as_sqlalchemy_would(
     try:
         async with engine.connect() as connection:
             await connection.run_sync(PROBES.metadata.create_all)
-            for name, role in (("b", UserRole.AGENT), ("c", UserRole.CUSTOMER), ("a", "agent")):
+            for name, role in PROBED:
                 probe = {"id": uuid.uuid4(), "name": name, "role": role, "seen_at": seen}
                 added = await ADD_PROBE.fetch(connection, probe)
                 assert [row.id for row in added] == [probe["id"]]
@@ -123,11 +138,7 @@ async def test_a_driver_statement_converts_values_both_ways_as_sqlalchemy_would(
                 )
     finally:
         await engine.dispose()
-    assert [(row.name, row.role, row.seen_at) for row in rows] == [
-        ("a", UserRole.AGENT, seen),
-        ("b", UserRole.AGENT, seen),
-    ]
-    assert all(type(row.role) is UserRole and row.seen_at.tzinfo is UTC for row in rows)
+    assert_the_agents_read_back(rows, seen)
 
 
 async def test_a_driver_statement_fails_a_constraint_with_an_integrity_error(
@@ -246,7 +257,7 @@ async def test_a_sqlite_transaction_runs_driver_statements_and_rolls_back_what_f
         work.fetch(ADD_PROBE, probe("twice", UserRole.AGENT))
 
     def add_then_read(work: SqliteWork) -> list[Any]:
-        for name, role in (("b", UserRole.AGENT), ("c", UserRole.CUSTOMER), ("a", "agent")):
+        for name, role in PROBED:
             work.fetch(ADD_PROBE, probe(name, role))
         return work.fetch(AGENT_PROBES, {})
 
@@ -259,8 +270,4 @@ async def test_a_sqlite_transaction_runs_driver_statements_and_rolls_back_what_f
             rows = await in_sqlite_transaction(connection, add_then_read)
     finally:
         await engine.dispose()
-    assert [(row.name, row.role, row.seen_at) for row in rows] == [
-        ("a", UserRole.AGENT, seen),
-        ("b", UserRole.AGENT, seen),
-    ]
-    assert all(type(row.role) is UserRole and row.seen_at.tzinfo is UTC for row in rows)
+    assert_the_agents_read_back(rows, seen)
