@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -10,10 +11,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import uvicorn
@@ -21,6 +23,8 @@ from fastapi import FastAPI
 
 from helpline.core.config import Settings
 from helpline.main import create_app
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -41,11 +45,23 @@ def wait_until_up(url: str, timeout: float = 20.0) -> None:
     raise RuntimeError(f"server at {url} did not come up in {timeout} s")
 
 
+def _serve(
+    runner: asyncio.Runner, server: uvicorn.Server, sockets: list[socket.socket] | None
+) -> None:
+    with runner:
+        runner.run(server.serve(sockets=sockets))
+
+
 @dataclass
 class LiveServer:
     server: uvicorn.Server
     thread: threading.Thread
     port: int
+    loop: asyncio.AbstractEventLoop
+
+    async def run_in_server(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run `coroutine` in the server's event loop, to use what is bound to it (its pool)."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.loop))
 
     @property
     def http_url(self) -> str:
@@ -63,9 +79,14 @@ class LiveServer:
 
     @classmethod
     @contextmanager
-    def serve(cls, app: FastAPI, ws: str = "wsproto") -> Iterator[LiveServer]:
-        """Serve an app built by the test (its lifespan runs in the server)."""
-        port = free_port()
+    def serve(
+        cls, app: FastAPI, ws: str = "wsproto", listener: socket.socket | None = None
+    ) -> Iterator[LiveServer]:
+        """Serve an app built by the test (its lifespan runs in the server).
+
+        On `listener` (a bound socket) when given, for socket options its connections inherit.
+        """
+        port = free_port() if listener is None else int(listener.getsockname()[1])
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
@@ -77,9 +98,11 @@ class LiveServer:
             timeout_graceful_shutdown=5,
         )
         server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
+        runner = asyncio.Runner(loop_factory=config.get_loop_factory())
+        sockets = None if listener is None else [listener]
+        thread = threading.Thread(target=_serve, args=(runner, server, sockets), daemon=True)
         thread.start()
-        live = cls(server=server, thread=thread, port=port)
+        live = cls(server=server, thread=thread, port=port, loop=runner.get_loop())
         try:
             wait_until_up(f"{live.http_url}/health/live")
             yield live

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.routing import Match, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
@@ -31,7 +32,7 @@ from helpline.core.config import Settings, get_settings
 from helpline.core.database import (
     create_engine,
     create_sessionmaker,
-    is_connection_error,
+    unavailable_error,
     unit_of_work,
 )
 from helpline.core.errors import (
@@ -203,11 +204,13 @@ async def _start_generation(app: FastAPI, settings: Settings) -> None:
 
 
 async def _handle_database_error(_: Request, exc: Exception) -> JSONResponse:
-    if is_connection_error(exc):
-        return error_response(
-            503, "SERVICE_UNAVAILABLE", "The database is unreachable; try again shortly"
-        )
-    raise exc
+    unavailable = unavailable_error(exc)
+    if unavailable is None:
+        raise exc
+    log.warning("http.database_unavailable", error=str(exc))
+    return error_response(
+        unavailable.status_code, unavailable.code, unavailable.message, headers=unavailable.headers
+    )
 
 
 class Helpline(FastAPI):
@@ -303,6 +306,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     }
     register_exception_handlers(app)
     app.add_exception_handler(DBAPIError, _handle_database_error)
+    app.add_exception_handler(PoolTimeout, _handle_database_error)
     app.add_exception_handler(OSError, _handle_database_error)
 
     def body_limit_for(path: str) -> int:

@@ -19,6 +19,8 @@ from tests.realtime.helpers import (
     eventually,
     list_all_messages,
     new_conversation,
+    take_every_connection,
+    with_settings,
 )
 
 CONVERSATION_FIELDS = {
@@ -439,6 +441,26 @@ async def test_a_client_message_id_with_other_content_is_409(
     response = await send(client, alice, conversation_id, '[[reply="a"]] two', "k")
     assert_error(response, 409, "IDEMPOTENCY_KEY_REUSED")
     assert len(await list_all_messages(client, alice, conversation_id)) == 2
+
+
+@with_settings(database_pool_size=1, database_max_overflow=0, database_pool_timeout_s=0.2)
+async def test_a_send_when_no_database_connection_comes_free_is_503_to_retry_and_stores_nothing(
+    client: httpx.AsyncClient, person: PartyFactory, app: FastAPI
+) -> None:
+    alice = await person()
+    conversation_id = await new_conversation(client, alice)
+    taken = await take_every_connection(app.state.engine)
+    try:
+        response = await send(client, alice, conversation_id, '[[reply="Here."]] q', "q-1")
+    finally:
+        await taken.aclose()
+    assert_error(response, 503, "SERVICE_UNAVAILABLE")
+    assert response.headers["Retry-After"] == "1"
+    assert await list_all_messages(client, alice, conversation_id) == []
+    # The client's retry is a first send, answered.
+    again = await send(client, alice, conversation_id, '[[reply="Here."]] q', "q-1")
+    assert again.status_code == 201, again.text
+    assert again.json()["assistant_message"]["content"] == "Here."
 
 
 async def test_a_model_failure_is_503_with_both_messages_stored(

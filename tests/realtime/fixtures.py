@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,7 +11,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -22,7 +20,7 @@ from helpline.core.database import create_engine, create_sessionmaker
 from helpline.main import create_app
 from tests.conftest import _empty_tables_for, make_settings
 from tests.realtime.helpers import Party, sign_in
-from tests.servers import LiveServer, wait_until_up
+from tests.servers import LiveServer
 
 PartyFactory = Callable[..., Awaitable[Party]]
 
@@ -46,26 +44,10 @@ def serve_with_send_buffer(settings: Settings, send_buffer: int) -> Iterator[Liv
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     listener.bind(("127.0.0.1", 0))
-    port = int(listener.getsockname()[1])
-    config = uvicorn.Config(
-        create_app(settings),
-        host="127.0.0.1",
-        port=port,
-        ws="wsproto",
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=5,
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
     try:
-        wait_until_up(f"http://127.0.0.1:{port}/health/live")
-        yield LiveServer(server=server, thread=thread, port=port)
+        with LiveServer.serve(create_app(settings), listener=listener) as live:
+            yield live
     finally:
-        server.should_exit = True
-        thread.join(timeout=15)
         listener.close()
 
 

@@ -10,13 +10,14 @@ import inspect
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
 import httpx
 import pytest
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -33,6 +34,16 @@ def with_settings(**overrides: Any) -> pytest.MarkDecorator:
     """Run the test with these settings (the `settings` fixture of this folder takes them)."""
     label = ",".join(f"{key}={value}" for key, value in overrides.items())
     return pytest.mark.parametrize("settings", [overrides], indirect=True, ids=[label])
+
+
+async def take_every_connection(engine: AsyncEngine) -> AsyncExitStack:
+    """Check out `engine`'s connections until its pool has none to give; `aclose()` returns them."""
+    taken = AsyncExitStack()
+    while True:
+        try:
+            await taken.enter_async_context(engine.connect())
+        except PoolTimeout:
+            return taken
 
 
 def with_send_buffer(size: int) -> pytest.MarkDecorator:

@@ -31,6 +31,7 @@ from tests.realtime.helpers import (
     open_socket,
     small_receive_buffer_socket,
     stored_message,
+    take_every_connection,
     wait_for_status,
     with_send_buffer,
     with_settings,
@@ -571,6 +572,30 @@ async def test_a_model_failure_mid_stream_sends_failed_and_keeps_the_partial_tex
     assert stored is not None
     assert stored["status"] == "failed"
     assert stored["content"] == "one two three"
+
+
+@with_settings(database_pool_timeout_s=0.2)
+async def test_a_chat_when_no_database_connection_comes_free_gets_an_error_to_retry(
+    live_server: LiveServer, live_app: FastAPI, http: httpx.AsyncClient, person: PartyFactory
+) -> None:
+    alice = await person()
+    conversation_id = await new_conversation(http, alice)
+    async with open_socket(live_server.ws_url, conversation_id, alice.token) as socket:
+        taken = await live_server.run_in_server(take_every_connection(live_app.state.engine))
+        try:
+            await socket.chat('[[reply="Here."]] q', "q-1")
+            error = await socket.recv_type("error")
+        finally:
+            await live_server.run_in_server(taken.aclose())
+        assert error["code"] == "SERVICE_UNAVAILABLE"
+        assert error["reply_to"] == "q-1"
+        # The socket stays open, and the client's retry is answered.
+        await socket.chat('[[reply="Here."]] q', "q-1")
+        stored = await socket.recv_type("message")
+        assert stored["message"]["client_message_id"] == "q-1"
+        answer = await socket.answer()
+        assert answer.final is not None
+        assert answer.final["message"]["content"] == "Here."
 
 
 async def test_a_second_chat_while_an_answer_streams_is_refused_with_generation_in_progress(

@@ -24,6 +24,7 @@ from fastapi import Depends, Request
 from opentelemetry.trace import SpanKind, Tracer
 from sqlalchemy import Dialect, Engine, event, text
 from sqlalchemy.exc import DBAPIError, DisconnectionError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -45,6 +46,19 @@ class DatabaseUnavailable(ServiceUnavailable):
     message = "The database is unreachable; try again shortly"
 
 
+# What a client told the server is too busy waits before it tries again (`Retry-After`).
+BUSY_RETRY_AFTER_S = 1
+
+
+class DatabaseBusy(ServiceUnavailable):
+    """No pooled connection came free within the pool's timeout: the server is overloaded."""
+
+    message = "The server is too busy to take this now; try again shortly"
+
+    def __init__(self) -> None:
+        super().__init__(headers={"Retry-After": str(BUSY_RETRY_AFTER_S)})
+
+
 # A pooled PostgreSQL connection idle this long is checked before it is used again.
 PING_IDLE_AFTER_S = 2.0
 
@@ -54,7 +68,10 @@ def create_engine(
 ) -> AsyncEngine:
     """The engine for `DATABASE_URL`: SQLite (WAL, foreign keys on) or pooled PostgreSQL."""
     url = settings.database_url
-    kwargs: dict[str, Any] = {"echo": settings.database_echo}
+    kwargs: dict[str, Any] = {
+        "echo": settings.database_echo,
+        "pool_timeout": settings.database_pool_timeout_s,
+    }
     if settings.is_sqlite:
         kwargs["connect_args"] = {"timeout": 30}
         # Reset by `_configure_sqlite`: a rollback only when a transaction is open.
@@ -63,7 +80,6 @@ def create_engine(
         kwargs.update(
             pool_size=settings.database_pool_size,
             max_overflow=settings.database_max_overflow,
-            pool_timeout=settings.database_pool_timeout_s,
             connect_args={"timeout": settings.database_pool_timeout_s},
         )
     engine = create_async_engine(url, **kwargs)
@@ -410,6 +426,19 @@ def is_connection_error(exc: BaseException) -> bool:
     return False
 
 
+def unavailable_error(exc: BaseException) -> ServiceUnavailable | None:
+    """The `503` that `exc` stands for, if it says the database is out of reach or of connections.
+
+    Both are worth a retry, unlike a bad query: clients get `SERVICE_UNAVAILABLE` rather than
+    `INTERNAL_ERROR`, and a busy server says when to come back.
+    """
+    if isinstance(exc, PoolTimeout):
+        return DatabaseBusy()
+    if is_connection_error(exc):
+        return DatabaseUnavailable()
+    return None
+
+
 async def get_db_session(request: Request) -> AsyncIterator[AsyncSession]:
     sessionmaker: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
     async with sessionmaker() as session:
@@ -417,15 +446,15 @@ async def get_db_session(request: Request) -> AsyncIterator[AsyncSession]:
             yield session
         except BaseException as exc:
             await rollback(session)
-            if is_connection_error(exc):
-                raise DatabaseUnavailable() from exc
+            if (unavailable := unavailable_error(exc)) is not None:
+                raise unavailable from exc
             raise
         else:
             try:
                 await commit(session)
             except Exception as exc:
-                if is_connection_error(exc):
-                    raise DatabaseUnavailable() from exc
+                if (unavailable := unavailable_error(exc)) is not None:
+                    raise unavailable from exc
                 raise
 
 

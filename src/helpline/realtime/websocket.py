@@ -42,7 +42,7 @@ from helpline.conversations.models import Conversation
 from helpline.conversations.schemas import ClientMessageId, MessageContent
 from helpline.core import metrics
 from helpline.core.config import Settings
-from helpline.core.database import lookup_session, unit_of_work
+from helpline.core.database import lookup_session, unavailable_error, unit_of_work
 from helpline.core.errors import AppError
 from helpline.core.limiter import InProcessStorage
 from helpline.realtime import service as realtime_service
@@ -435,8 +435,13 @@ class ChatConnection:
                 await self.engine.publish(typing_frame(self.conversation_id, self.user.id))
         except AppError as exc:
             self._send_own(error_data(exc.code, exc.message, reply_to))
-        except Exception:
-            log.exception("ws.frame_failed", frame_type=getattr(frame, "type", None))
+        except Exception as exc:
+            # Out of reach or of connections, the database is worth a retry: the client is told so.
+            if (unavailable := unavailable_error(exc)) is not None:
+                log.warning("ws.database_unavailable", frame_type=frame.type, error=str(exc))
+                self._send_own(error_data(unavailable.code, unavailable.message, reply_to))
+                return
+            log.exception("ws.frame_failed", frame_type=frame.type)
             self._send_own(error_data("INTERNAL_ERROR", "The frame could not be handled", reply_to))
 
     async def _chat(self, frame: ChatFrame) -> None:
