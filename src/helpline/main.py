@@ -36,7 +36,7 @@ from helpline.core.database import (
     unit_of_work,
 )
 from helpline.core.errors import (
-    error_response,
+    app_error_response,
     register_error_decorator,
     register_exception_handlers,
 )
@@ -208,9 +208,7 @@ async def _handle_database_error(_: Request, exc: Exception) -> JSONResponse:
     if unavailable is None:
         raise exc
     log.warning("http.database_unavailable", error=str(exc))
-    return error_response(
-        unavailable.status_code, unavailable.code, unavailable.message, headers=unavailable.headers
-    )
+    return app_error_response(unavailable)
 
 
 class Helpline(FastAPI):

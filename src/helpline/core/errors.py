@@ -200,11 +200,16 @@ def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
     return details
 
 
-async def _handle_app_error(_: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, AppError)
+def app_error_response(exc: AppError) -> JSONResponse:
+    """`exc` in the SPEC envelope, with its status and headers."""
     return error_response(
         exc.status_code, exc.code, exc.message, details=exc.details, headers=exc.headers
     )
+
+
+async def _handle_app_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AppError)
+    return app_error_response(exc)
 
 
 async def _handle_validation_error(_: Request, exc: Exception) -> JSONResponse:
