@@ -6,7 +6,8 @@ For each of 300 conversations: `post_message` (the question and the `streaming` 
 committed before the model is called — on the way to the first token) and the engine's
 `store_result` (the final answer, usage, the conversation's activity). The model is not run.
 Prints the wall time of each (p50) and the CPU time per answer, beside a floor: one bare
-`SELECT 1` round trip on the same engine.
+`SELECT 1` round trip on the same engine. Apart: the lookups a socket's handshake makes (its
+user, its conversation), as it makes them.
 """
 
 from __future__ import annotations
@@ -44,10 +45,16 @@ async def measure(database_url: str, data: Path) -> None:
     from helpline.agents.chat import ChatAnswerer
     from helpline.agents.providers.fake import FakeChatModel
     from helpline.agents.schemas import Usage
+    from helpline.auth import repository as auth_repository
     from helpline.auth.models import User, UserRole
     from helpline.conversations import service
     from helpline.core.config import Settings
-    from helpline.core.database import create_engine, create_sessionmaker, unit_of_work
+    from helpline.core.database import (
+        create_engine,
+        create_sessionmaker,
+        lookup_session,
+        unit_of_work,
+    )
     from helpline.realtime.backends import create_memory_backends
     from helpline.realtime.engine import AnswerJob, AnswerResult, GenerationEngine
 
@@ -81,10 +88,21 @@ async def measure(database_url: str, data: Path) -> None:
     sends: list[float] = []
     stores: list[float] = []
     floor: list[float] = []
+    handshakes: list[float] = []
+    handshake_cpu_s = 0.0
     cpu_started = 0.0
     for index, conversation_id in enumerate(conversations):
         if index == WARM_UP:
             cpu_started = time.process_time()
+            handshake_cpu_s = 0.0
+        looked_up_at = time.perf_counter()
+        lookup_cpu_started = time.process_time()
+        async with lookup_session(sessionmaker) as session:
+            found = await auth_repository.get_user(session, user.id)
+            assert found is not None
+            await service.get_conversation(session, user=found, conversation_id=conversation_id)
+        handshake_cpu_s += time.process_time() - lookup_cpu_started
+        handshakes.append((time.perf_counter() - looked_up_at) * 1000)
         started = time.perf_counter()
         async with database.connect() as connection:
             await connection.execute(text("SELECT 1"))
@@ -114,7 +132,8 @@ async def measure(database_url: str, data: Path) -> None:
         floor.append((sent_at - started) * 1000)
         sends.append((stored_at - sent_at) * 1000)
         stores.append((finished - stored_at) * 1000)
-    cpu_ms = (time.process_time() - cpu_started) / (ANSWERS - WARM_UP) * 1000
+    measured = ANSWERS - WARM_UP
+    cpu_ms = (time.process_time() - cpu_started - handshake_cpu_s) / measured * 1000
     await database.dispose()
 
     def p50(values: list[float]) -> float:
@@ -125,6 +144,9 @@ async def measure(database_url: str, data: Path) -> None:
     print(f"  store the answer's result               p50 {p50(stores):7.2f} ms")
     print(f"  one bare round trip (floor)             p50 {p50(floor):7.2f} ms")
     print(f"  CPU per answer (all of the above)           {cpu_ms:7.2f} ms")
+    print(f"  a socket's handshake lookups            p50 {p50(handshakes):7.2f} ms")
+    handshake_cpu_ms = handshake_cpu_s / measured * 1000
+    print(f"  CPU per handshake                           {handshake_cpu_ms:7.2f} ms")
 
 
 async def main() -> None:
