@@ -463,6 +463,23 @@ async def test_a_send_when_no_database_connection_comes_free_is_503_to_retry_and
     assert again.json()["assistant_message"]["content"] == "Here."
 
 
+@with_settings(database_pool_size=1, database_max_overflow=0, database_pool_timeout_s=0.2)
+async def test_a_read_when_no_database_connection_comes_free_is_503_to_retry(
+    client: httpx.AsyncClient, person: PartyFactory, app: FastAPI
+) -> None:
+    alice = await person()
+    conversation_id = await new_conversation(client, alice)
+    taken = await take_every_connection(app.state.engine)
+    try:
+        response = await client.get(
+            f"/conversations/{conversation_id}/messages", headers=alice.headers
+        )
+    finally:
+        await taken.aclose()
+    assert_error(response, 503, "SERVICE_UNAVAILABLE")
+    assert response.headers["Retry-After"] == "1"
+
+
 async def test_a_model_failure_is_503_with_both_messages_stored(
     client: httpx.AsyncClient, person: PartyFactory
 ) -> None:
