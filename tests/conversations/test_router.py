@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable
 from datetime import datetime
 from typing import Any
 
@@ -443,19 +444,35 @@ async def test_a_client_message_id_with_other_content_is_409(
     assert len(await list_all_messages(client, alice, conversation_id)) == 2
 
 
-@with_settings(database_pool_size=1, database_max_overflow=0, database_pool_timeout_s=0.2)
+# One pooled connection, and a short wait for it: a test takes it, and the app finds none free.
+with_a_one_connection_pool = with_settings(
+    database_pool_size=1, database_max_overflow=0, database_pool_timeout_s=0.2
+)
+
+
+async def refused_while_the_pool_is_taken(
+    app: FastAPI, request: Awaitable[httpx.Response]
+) -> httpx.Response:
+    """`request`'s response while every pooled connection is held: a `503` to retry in 1 s."""
+    taken = await take_every_connection(app.state.engine)
+    try:
+        response = await request
+    finally:
+        await taken.aclose()
+    assert_error(response, 503, "SERVICE_UNAVAILABLE")
+    assert response.headers["Retry-After"] == "1"
+    return response
+
+
+@with_a_one_connection_pool
 async def test_a_send_when_no_database_connection_comes_free_is_503_to_retry_and_stores_nothing(
     client: httpx.AsyncClient, person: PartyFactory, app: FastAPI
 ) -> None:
     alice = await person()
     conversation_id = await new_conversation(client, alice)
-    taken = await take_every_connection(app.state.engine)
-    try:
-        response = await send(client, alice, conversation_id, '[[reply="Here."]] q', "q-1")
-    finally:
-        await taken.aclose()
-    assert_error(response, 503, "SERVICE_UNAVAILABLE")
-    assert response.headers["Retry-After"] == "1"
+    await refused_while_the_pool_is_taken(
+        app, send(client, alice, conversation_id, '[[reply="Here."]] q', "q-1")
+    )
     assert await list_all_messages(client, alice, conversation_id) == []
     # The client's retry is a first send, answered.
     again = await send(client, alice, conversation_id, '[[reply="Here."]] q', "q-1")
@@ -463,21 +480,15 @@ async def test_a_send_when_no_database_connection_comes_free_is_503_to_retry_and
     assert again.json()["assistant_message"]["content"] == "Here."
 
 
-@with_settings(database_pool_size=1, database_max_overflow=0, database_pool_timeout_s=0.2)
+@with_a_one_connection_pool
 async def test_a_read_when_no_database_connection_comes_free_is_503_to_retry(
     client: httpx.AsyncClient, person: PartyFactory, app: FastAPI
 ) -> None:
     alice = await person()
     conversation_id = await new_conversation(client, alice)
-    taken = await take_every_connection(app.state.engine)
-    try:
-        response = await client.get(
-            f"/conversations/{conversation_id}/messages", headers=alice.headers
-        )
-    finally:
-        await taken.aclose()
-    assert_error(response, 503, "SERVICE_UNAVAILABLE")
-    assert response.headers["Retry-After"] == "1"
+    await refused_while_the_pool_is_taken(
+        app, client.get(f"/conversations/{conversation_id}/messages", headers=alice.headers)
+    )
 
 
 async def test_a_model_failure_is_503_with_both_messages_stored(
