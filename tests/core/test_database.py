@@ -120,13 +120,14 @@ async def test_a_connection_back_in_use_at_once_is_not_checked(
 
 
 async def test_a_driver_statement_converts_values_both_ways_as_sqlalchemy_would(
-    postgres_url: str, tmp_path: Path
+    database_url: str, tmp_path: Path
 ) -> None:
-    engine = create_engine(make_settings(postgres_url, tmp_path))
+    engine = create_engine(make_settings(database_url, tmp_path))
     seen = datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone(timedelta(hours=2)))
     try:
         async with engine.connect() as connection:
             await connection.run_sync(PROBES.metadata.create_all)
+            await connection.commit()  # the statements below commit by themselves
             for name, role in PROBED:
                 probe = {"id": uuid.uuid4(), "name": name, "role": role, "seen_at": seen}
                 added = await ADD_PROBE.fetch(connection, probe)
@@ -142,12 +143,13 @@ async def test_a_driver_statement_converts_values_both_ways_as_sqlalchemy_would(
 
 
 async def test_a_driver_statement_fails_a_constraint_with_an_integrity_error(
-    postgres_url: str, tmp_path: Path
+    database_url: str, tmp_path: Path
 ) -> None:
-    engine = create_engine(make_settings(postgres_url, tmp_path))
+    engine = create_engine(make_settings(database_url, tmp_path))
     try:
         async with engine.connect() as connection:
             await connection.run_sync(PROBES.metadata.create_all)
+            await connection.commit()  # the statements below commit by themselves
             probe = {"name": "twice", "role": UserRole.AGENT, "seen_at": None}
             await ADD_PROBE.fetch(connection, {**probe, "id": uuid.uuid4()})
             with pytest.raises(IntegrityError):

@@ -324,16 +324,23 @@ class DriverStatement:
     async def fetch(
         self, connection: AsyncConnection, params: Mapping[str, Any]
     ) -> list[DriverRow]:
-        """PostgreSQL: the statement's rows, on `connection` (checked out of the pool).
+        """The statement's rows, on `connection` (checked out of the pool), in autocommit: on
+        PostgreSQL one round trip; on SQLite one trip to the connection's thread (to run
+        several in one transaction there, see `in_sqlite_transaction`).
 
         Errors come as SQLAlchemy's: a constraint's as `IntegrityError`, a lost connection as a
         `DBAPIError` that invalidated it (the pool then replaces it)."""
         compiled = self.compiled(connection.dialect)
+        operation = compiled.sql.split(None, 1)[0]
+        if connection.dialect.name == "sqlite":
+            return await _in_sqlite_thread(
+                connection, lambda work: work.fetch(self, params), operation=operation
+            )
         args = compiled.args(params)
         driver = (await connection.get_raw_connection()).driver_connection
         assert driver is not None  # a connection checked out is open
         try:
-            with _driver_span(connection, compiled.sql.split(None, 1)[0], lambda: compiled.sql):
+            with _driver_span(connection, operation, lambda: compiled.sql):
                 records = await driver.fetch(compiled.sql, *args)
         except asyncpg.IntegrityConstraintViolationError as exc:
             raise IntegrityError(compiled.sql, args, exc) from exc
@@ -346,7 +353,7 @@ class DriverStatement:
 
 
 class SqliteWork:
-    """Statements run in a SQLite connection's own thread, in `in_sqlite_transaction`."""
+    """Statements run in a SQLite connection's own thread, in one trip there."""
 
     def __init__(self, sqlite: sqlite3.Connection, dialect: Dialect, log: list[str]) -> None:
         self.sqlite = sqlite
@@ -369,24 +376,35 @@ async def in_sqlite_transaction(connection: AsyncConnection, work: Callable[[Sql
     SQLAlchemy's own aiosqlite adapter queues some of its calls (aiosqlite has no public way).
     Errors come as SQLAlchemy's (`IntegrityError`, `OperationalError`, `DBAPIError`).
     """
+
+    def transaction(sqlite_work: SqliteWork) -> T:
+        sqlite_work.sqlite.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(sqlite_work)
+        except BaseException:
+            sqlite_work.sqlite.execute("ROLLBACK")
+            raise
+        sqlite_work.sqlite.execute("COMMIT")
+        return result
+
+    return await _in_sqlite_thread(connection, transaction, operation="BEGIN")
+
+
+async def _in_sqlite_thread(
+    connection: AsyncConnection, work: Callable[[SqliteWork], T], *, operation: str
+) -> T:
+    """Run `work` on the SQLite connection behind `connection` in one trip to its thread,
+    where each statement outside a transaction commits by itself."""
     driver: Any = (await connection.get_raw_connection()).driver_connection
     dialect = connection.dialect
     statements: list[str] = []
 
-    def transaction() -> T:
-        sqlite: sqlite3.Connection = driver._conn
-        sqlite.execute("BEGIN IMMEDIATE")
-        try:
-            result = work(SqliteWork(sqlite, dialect, statements))
-        except BaseException:
-            sqlite.execute("ROLLBACK")
-            raise
-        sqlite.execute("COMMIT")
-        return result
+    def in_thread() -> T:
+        return work(SqliteWork(driver._conn, dialect, statements))
 
     try:
-        with _driver_span(connection, "BEGIN", lambda: ";\n".join(statements)):
-            return cast(T, await driver._execute(transaction))
+        with _driver_span(connection, operation, lambda: ";\n".join(statements)):
+            return cast(T, await driver._execute(in_thread))
     except sqlite3.IntegrityError as exc:
         raise IntegrityError(None, None, exc) from exc
     except sqlite3.OperationalError as exc:
