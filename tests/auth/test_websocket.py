@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import json
+import uuid
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI, WebSocket
+from sqlalchemy import delete, select, update
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from helpline.auth import service as auth_service
 from helpline.auth.dependencies import authenticate_websocket
+from helpline.auth.models import Login, User
 from helpline.core.config import Settings
 from helpline.core.errors import AppError
+from helpline.kit.models import utcnow
 from helpline.main import create_app
 from tests import servers
+from tests.factories import open_session
 from tests.servers import LiveServer
 
 PROBE = "/_test/ws-identity"
@@ -132,3 +139,48 @@ async def test_websocket_refuses_missing_bad_and_revoked_tokens(probe_server: Li
         await _close_reason(probe_server, query=f"?token={tokens['access_token']}")
         == "TOKEN_REVOKED"
     )
+
+
+async def test_websocket_refuses_an_inactive_or_deleted_account(
+    probe_server: LiveServer, settings: Settings
+) -> None:
+    """Deactivated without its logins revoked (an administrator's deactivation revokes them
+    too), the account is refused as inactive; deleted, as revoked."""
+    async with httpx.AsyncClient(base_url=probe_server.http_url) as http:
+        tokens = await _sign_up(http, "dave")
+    query = f"?token={tokens['access_token']}"
+    user_id = uuid.UUID((await _identity(probe_server, query=query))["user_id"])
+    async with open_session(settings) as session:
+        await session.execute(update(User).where(User.id == user_id).values(is_active=False))
+        await session.commit()
+    assert await _close_reason(probe_server, query=query) == "INACTIVE_USER"
+    async with open_session(settings) as session:
+        await session.execute(delete(User).where(User.id == user_id))
+        await session.commit()
+    assert await _close_reason(probe_server, query=query) == "TOKEN_REVOKED"
+
+
+async def test_a_handshake_records_the_logins_activity(
+    probe_server: LiveServer, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with httpx.AsyncClient(base_url=probe_server.http_url) as http:
+        tokens = await _sign_up(http, "erin")
+    login_id = uuid.UUID((await _identity(probe_server, token=tokens["access_token"]))["login_id"])
+    long_ago = utcnow() - timedelta(hours=1)
+    async with open_session(settings) as session:
+        await session.execute(
+            update(Login).where(Login.id == login_id).values(last_activity_at=long_ago)
+        )
+        await session.commit()
+    # The sign-up's requests were just recorded: the process's memo would skip this one.
+    monkeypatch.setattr(
+        auth_service,
+        "_recently_touched",
+        auth_service._RecentlyTouched(auth_service.ACTIVITY_INTERVAL),
+    )
+    opened = utcnow()
+    await _identity(probe_server, token=tokens["access_token"])
+    async with open_session(settings) as session:
+        seen = await session.scalar(select(Login.last_activity_at).where(Login.id == login_id))
+    assert seen is not None
+    assert seen >= opened

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, exists, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import bindparam, delete, exists, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from helpline.auth.models import ApiKey, Login, User, UserRole
+from helpline.core.database import DriverStatement
 from helpline.kit.pagination import paginate, split_page
 
 # --- users -------------------------------------------------------------------------------
@@ -17,6 +19,25 @@ from helpline.kit.pagination import paginate, split_page
 
 async def get_user(session: AsyncSession, user_id: uuid.UUID) -> User | None:
     return await session.get(User, user_id)
+
+
+@dataclass(frozen=True, slots=True)
+class UserStanding:
+    """What a credential's check needs of its user, read without an ORM row."""
+
+    id: uuid.UUID
+    role: UserRole
+    is_active: bool
+
+
+_USER_STANDING = DriverStatement(
+    select(User.id, User.role, User.is_active).where(User.id == bindparam("user_id"))
+)
+
+
+async def get_user_standing(connection: AsyncConnection, user_id: uuid.UUID) -> UserStanding | None:
+    rows = await _USER_STANDING.fetch(connection, {"user_id": user_id})
+    return UserStanding(*rows[0]) if rows else None
 
 
 async def get_user_by_username(session: AsyncSession, username: str) -> User | None:
@@ -154,16 +175,36 @@ async def is_login_revoked(session: AsyncSession, login_id: uuid.UUID) -> bool:
     return row is None or row.revoked_at is not None
 
 
+# Activity is written only when the stored time is older than the interval.
+_TOUCH_LOGIN = (
+    update(Login)
+    .where(Login.id == bindparam("login_id"), Login.last_activity_at < bindparam("stale_before"))
+    .values(last_activity_at=bindparam("now"))
+)
+_TOUCH_LOGIN_ON_DRIVER = DriverStatement(_TOUCH_LOGIN)
+
+
+def _touch_login_params(
+    login_id: uuid.UUID, now: datetime, interval: timedelta
+) -> dict[str, object]:
+    return {"login_id": login_id, "stale_before": now - interval, "now": now}
+
+
 async def touch_login(
     session: AsyncSession, login_id: uuid.UUID, *, now: datetime, interval: timedelta
 ) -> None:
     """Record activity, writing only when the stored time is older than `interval`."""
     await session.execute(
-        update(Login)
-        .where(Login.id == login_id, Login.last_activity_at < now - interval)
-        .values(last_activity_at=now)
-        .execution_options(synchronize_session=False)
+        _TOUCH_LOGIN.execution_options(synchronize_session=False),
+        _touch_login_params(login_id, now, interval),
     )
+
+
+async def touch_login_on(
+    connection: AsyncConnection, login_id: uuid.UUID, *, now: datetime, interval: timedelta
+) -> None:
+    """`touch_login` on a pooled connection, committed by itself."""
+    await _TOUCH_LOGIN_ON_DRIVER.fetch(connection, _touch_login_params(login_id, now, interval))
 
 
 # --- API keys ----------------------------------------------------------------------------

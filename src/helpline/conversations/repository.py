@@ -91,6 +91,19 @@ async def get_conversation(
     return await session.get(Conversation, conversation_id)
 
 
+_CONVERSATION_OWNER = DriverStatement(
+    select(_conversations.c.user_id).where(_conversations.c.id == bindparam("conversation_id"))
+)
+
+
+async def get_conversation_owner(
+    connection: AsyncConnection, conversation_id: uuid.UUID
+) -> uuid.UUID | None:
+    """The id of the conversation's customer; None when there is no such conversation."""
+    rows = await _CONVERSATION_OWNER.fetch(connection, {"conversation_id": conversation_id})
+    return rows[0].user_id if rows else None
+
+
 _TOUCH_AND_LOCK = (
     select(Conversation)
     .from_statement(

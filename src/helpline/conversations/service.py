@@ -19,7 +19,7 @@ import structlog
 from sqlalchemy import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from helpline.agents.memory import SUMMARY_JOB
 from helpline.agents.schemas import ChatMessage, Usage
@@ -116,9 +116,26 @@ async def get_conversation(
         conversation = await repository.get_conversation(session, conversation_id)
     if conversation is None:
         raise ConversationNotFound(conversation_id)
-    if conversation.user_id != user.id and not is_staff(user):
-        raise ConversationForbidden()
+    _check_owner(conversation.user_id, user=user)
     return conversation
+
+
+async def get_conversation_owner(
+    connection: AsyncConnection, *, user: Actor, conversation_id: uuid.UUID
+) -> uuid.UUID:
+    """`get_conversation` for a socket's handshake: only the id of the conversation's
+    customer, read on a pooled connection without an ORM session."""
+    owner_id = await repository.get_conversation_owner(connection, conversation_id)
+    if owner_id is None:
+        raise ConversationNotFound(conversation_id)
+    _check_owner(owner_id, user=user)
+    return owner_id
+
+
+def _check_owner(owner_id: uuid.UUID, *, user: Actor) -> None:
+    """A customer sees only their own conversations; agents and admins see all."""
+    if owner_id != user.id and not is_staff(user):
+        raise ConversationForbidden()
 
 
 async def list_conversations(

@@ -18,18 +18,22 @@ import anyio
 import structlog
 from fastapi import APIRouter, Header, Query, Request, WebSocket
 from fastapi.responses import StreamingResponse
-from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.datastructures import Headers
 from starlette.routing import WebSocketRoute
 
-from helpline.auth.dependencies import CurrentUser, WebSocketIdentity, authenticate_websocket
+from helpline.auth.dependencies import (
+    CurrentUser,
+    WebSocketIdentity,
+    check_websocket_credential,
+    identify_websocket,
+)
 from helpline.conversations import service as conversations_service
 from helpline.conversations.dependencies import OwnedConversation
 from helpline.conversations.exceptions import AnswerNotFound
-from helpline.conversations.models import Conversation, Message
+from helpline.conversations.models import Message
 from helpline.conversations.schemas import MessageCreate
 from helpline.core import metrics
-from helpline.core.database import DbSession, lookup_session, release
+from helpline.core.database import DbSession, release
 from helpline.core.errors import AppError, BadRequest, Forbidden, NotFound, error_responses
 from helpline.core.middleware import request_id_header
 from helpline.realtime import service as realtime_service
@@ -102,9 +106,7 @@ async def _find_chat(websocket: WebSocket) -> ChatConnection | None:
     """The database part of `_open_chat`: who connects, and to which conversation."""
     app_state = websocket.app.state
     try:
-        # Both lookups in one session: one pooled connection, not two.
-        async with lookup_session(app_state.sessionmaker) as session:
-            found = await _lookup_chat(websocket, session)
+        found = await _lookup_chat(websocket)
     except Exception:
         # The database is unreachable or overloaded: the client may retry.
         log.warning("ws.handshake_failed", exc_info=True)
@@ -112,11 +114,11 @@ async def _find_chat(websocket: WebSocket) -> ChatConnection | None:
     if isinstance(found, Refused):
         await websocket.close(code=found.code, reason=found.reason)
         return None
-    identity, conversation = found
     return ChatConnection(
         websocket,
-        identity=identity,
-        conversation=conversation,
+        identity=found.identity,
+        conversation_id=found.conversation_id,
+        owner_id=found.owner_id,
         engine=app_state.generation_engine,
         sessionmaker=app_state.sessionmaker,
         settings=app_state.settings,
@@ -125,27 +127,37 @@ async def _find_chat(websocket: WebSocket) -> ChatConnection | None:
     )
 
 
-async def _lookup_chat(
-    websocket: WebSocket, session: AsyncSession
-) -> tuple[WebSocketIdentity, Conversation] | Refused:
+class FoundChat(NamedTuple):
+    """Who a socket is for, and its conversation."""
+
+    identity: WebSocketIdentity
+    conversation_id: uuid.UUID
+    owner_id: uuid.UUID  # the conversation's customer
+
+
+async def _lookup_chat(websocket: WebSocket) -> FoundChat | Refused:
     """The socket's user and conversation, or why it is refused."""
     try:
-        identity = await authenticate_websocket(websocket, session)
+        credential = await check_websocket_credential(websocket)
     except AppError:
         return Refused(CLOSE_UNAUTHORIZED, "Unauthorized")
-    try:
-        conversation_id = uuid.UUID(websocket.path_params["conversation_id"])
-    except ValueError:
-        return Refused(CLOSE_NOT_FOUND, "Conversation not found")
-    try:
-        conversation = await conversations_service.get_conversation(
-            session, user=identity.user, conversation_id=conversation_id
-        )
-    except Forbidden:
-        return Refused(CLOSE_FORBIDDEN, "Forbidden")
-    except NotFound:
-        return Refused(CLOSE_NOT_FOUND, "Conversation not found")
-    return identity, conversation
+    # Both lookups on one pooled connection, each a statement on the driver: an ORM session
+    # and its `get`s cost three times the CPU (`bench/answer_db.py`).
+    async with websocket.app.state.engine.connect() as connection:
+        try:
+            identity = await identify_websocket(connection, credential)
+        except AppError:
+            return Refused(CLOSE_UNAUTHORIZED, "Unauthorized")
+        try:
+            conversation_id = uuid.UUID(websocket.path_params["conversation_id"])
+            owner_id = await conversations_service.get_conversation_owner(
+                connection, user=identity.user, conversation_id=conversation_id
+            )
+        except Forbidden:
+            return Refused(CLOSE_FORBIDDEN, "Forbidden")
+        except (ValueError, NotFound):
+            return Refused(CLOSE_NOT_FOUND, "Conversation not found")
+    return FoundChat(identity, conversation_id, owner_id)
 
 
 # Served by `helpline.main.Helpline` ahead of the middleware stack (unless tracing is on).

@@ -38,7 +38,6 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from helpline.auth.dependencies import WebSocketIdentity
 from helpline.auth.principal import Actor
 from helpline.conversations import service as conversations_service
-from helpline.conversations.models import Conversation
 from helpline.conversations.schemas import ClientMessageId, MessageContent
 from helpline.core import metrics
 from helpline.core.config import Settings
@@ -209,7 +208,8 @@ class ChatConnection:
         websocket: WebSocket,
         *,
         identity: WebSocketIdentity,
-        conversation: Conversation,
+        conversation_id: uuid.UUID,
+        owner_id: uuid.UUID,
         engine: GenerationEngine,
         sessionmaker: async_sessionmaker[AsyncSession],
         settings: Settings,
@@ -220,8 +220,8 @@ class ChatConnection:
         self.user = identity.user
         self.login_id = identity.login_id
         self.expires_at = None if identity.expires_at is None else identity.expires_at.timestamp()
-        self.conversation_id = conversation.id
-        self.owner_id = conversation.user_id
+        self.conversation_id = conversation_id
+        self.owner_id = owner_id  # the conversation's customer
         self.engine = engine
         self.sessionmaker = sessionmaker
         self.settings = settings
