@@ -7,7 +7,8 @@ committed before the model is called — on the way to the first token) and the 
 `store_result` (the final answer, usage, the conversation's activity). The model is not run.
 Prints the wall time of each (p50) and the CPU time per answer, beside a floor: one bare
 `SELECT 1` round trip on the same engine. Apart: the lookups a socket's handshake makes (its
-user, its conversation), as it makes them.
+user, its conversation), as it makes them (a statement each on the driver, on one pooled
+connection), beside the same lookups through an ORM session.
 """
 
 from __future__ import annotations
@@ -90,19 +91,31 @@ async def measure(database_url: str, data: Path) -> None:
     floor: list[float] = []
     handshakes: list[float] = []
     handshake_cpu_s = 0.0
+    orm_handshakes: list[float] = []
+    orm_handshake_cpu_s = 0.0
     cpu_started = 0.0
     for index, conversation_id in enumerate(conversations):
         if index == WARM_UP:
             cpu_started = time.process_time()
-            handshake_cpu_s = 0.0
+            handshake_cpu_s = orm_handshake_cpu_s = 0.0
+        looked_up_at = time.perf_counter()
+        lookup_cpu_started = time.process_time()
+        async with database.connect() as connection:
+            standing = await auth_repository.get_user_standing(connection, user.id)
+            assert standing is not None
+            await service.get_conversation_owner(
+                connection, user=standing, conversation_id=conversation_id
+            )
+        handshake_cpu_s += time.process_time() - lookup_cpu_started
+        handshakes.append((time.perf_counter() - looked_up_at) * 1000)
         looked_up_at = time.perf_counter()
         lookup_cpu_started = time.process_time()
         async with lookup_session(sessionmaker) as session:
             found = await auth_repository.get_user(session, user.id)
             assert found is not None
             await service.get_conversation(session, user=found, conversation_id=conversation_id)
-        handshake_cpu_s += time.process_time() - lookup_cpu_started
-        handshakes.append((time.perf_counter() - looked_up_at) * 1000)
+        orm_handshake_cpu_s += time.process_time() - lookup_cpu_started
+        orm_handshakes.append((time.perf_counter() - looked_up_at) * 1000)
         started = time.perf_counter()
         async with database.connect() as connection:
             await connection.execute(text("SELECT 1"))
@@ -133,7 +146,8 @@ async def measure(database_url: str, data: Path) -> None:
         sends.append((stored_at - sent_at) * 1000)
         stores.append((finished - stored_at) * 1000)
     measured = ANSWERS - WARM_UP
-    cpu_ms = (time.process_time() - cpu_started - handshake_cpu_s) / measured * 1000
+    handshakes_cpu_s = handshake_cpu_s + orm_handshake_cpu_s
+    cpu_ms = (time.process_time() - cpu_started - handshakes_cpu_s) / measured * 1000
     await database.dispose()
 
     def p50(values: list[float]) -> float:
@@ -144,9 +158,16 @@ async def measure(database_url: str, data: Path) -> None:
     print(f"  store the answer's result               p50 {p50(stores):7.2f} ms")
     print(f"  one bare round trip (floor)             p50 {p50(floor):7.2f} ms")
     print(f"  CPU per answer (all of the above)           {cpu_ms:7.2f} ms")
-    print(f"  a socket's handshake lookups            p50 {p50(handshakes):7.2f} ms")
-    handshake_cpu_ms = handshake_cpu_s / measured * 1000
-    print(f"  CPU per handshake                           {handshake_cpu_ms:7.2f} ms")
+    print("  a socket's handshake lookups        driver statements   ORM session")
+    for label, driver, orm in (
+        ("p50", p50(handshakes), p50(orm_handshakes)),
+        (
+            "CPU per handshake",
+            handshake_cpu_s / measured * 1000,
+            orm_handshake_cpu_s / measured * 1000,
+        ),
+    ):
+        print(f"    {label:<32} {driver:7.2f} ms    {orm:7.2f} ms")
 
 
 async def main() -> None:
