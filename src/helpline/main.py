@@ -100,9 +100,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     app.state.jwt_secret = settings.resolve_jwt_secret()
     app.state.cache = create_cache(app.state.redis, settings.redis_key_prefix)
-    app.state.revocations = create_revocations(
-        settings, redis=app.state.redis, sessionmaker=app.state.sessionmaker
-    )
+    app.state.revocations = create_revocations(settings, redis=app.state.redis, database=engine)
     app.state.lifecycle = lifecycle.Lifecycle(settings.shutdown_grace_s)
     lifecycle.set_current(app.state.lifecycle)
     lifecycle.install_signal_handlers(app.state.lifecycle)

@@ -8,7 +8,7 @@ from collections.abc import Collection
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from helpline.auth import service as auth_service
 from helpline.auth.dependencies import auth_environment
@@ -114,14 +114,12 @@ async def test_factory_uses_the_database_without_redis(app: FastAPI) -> None:
 
 
 async def test_database_backend_reads_the_login_row(
-    client: httpx.AsyncClient,
-    session: AsyncSession,
-    sessionmaker: async_sessionmaker[AsyncSession],
+    app: FastAPI, client: httpx.AsyncClient, session: AsyncSession
 ) -> None:
     await create_user(session, username="alice")
     tokens = await login(client, "alice")
     sid = uuid.UUID(claims_of(tokens["access_token"])["sid"])
-    backend = DatabaseRevocationBackend(sessionmaker)
+    backend = DatabaseRevocationBackend(app.state.engine)
     assert await backend.is_revoked(sid) is False
     await client.post("/auth/logout", headers=bearer(tokens["access_token"]))
     assert await backend.is_revoked(sid) is True
@@ -213,9 +211,7 @@ async def test_redis_outage_falls_back_to_the_database(
     unreachable = app.state.settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
     redis = create_redis(unreachable)
     try:
-        revocations = create_revocations(
-            unreachable, redis=redis, sessionmaker=app.state.sessionmaker
-        )
+        revocations = create_revocations(unreachable, redis=redis, database=app.state.engine)
         assert await revocations.is_revoked(sid) is True
     finally:
         assert redis is not None

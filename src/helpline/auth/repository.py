@@ -168,11 +168,15 @@ async def list_active_logins(
     return result.scalars().all()
 
 
-async def is_login_revoked(session: AsyncSession, login_id: uuid.UUID) -> bool:
+_LOGIN_REVOKED_AT = DriverStatement(
+    select(Login.revoked_at).where(Login.id == bindparam("login_id"))
+)
+
+
+async def is_login_revoked(connection: AsyncConnection, login_id: uuid.UUID) -> bool:
     """True when the login was revoked or no longer exists (its user was deleted)."""
-    result = await session.execute(select(Login.revoked_at).where(Login.id == login_id))
-    row = result.one_or_none()
-    return row is None or row.revoked_at is not None
+    rows = await _LOGIN_REVOKED_AT.fetch(connection, {"login_id": login_id})
+    return not rows or rows[0].revoked_at is not None
 
 
 # Activity is written only when the stored time is older than the interval.

