@@ -417,7 +417,7 @@ async def _in_sqlite_thread(
 async def lookup_session(
     sessionmaker: async_sessionmaker[AsyncSession],
 ) -> AsyncIterator[AsyncSession]:
-    """A session for lookups outside a request (a socket's handshake, a resume).
+    """A session for lookups outside a request (a resume, a stream that follows an answer).
 
     On PostgreSQL its statements run in autocommit: a lookup is one round trip, not three
     (`BEGIN`, the query, `COMMIT`; ~0.2 ms of CPU each), and a lone write in it commits by
