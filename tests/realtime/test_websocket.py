@@ -88,6 +88,25 @@ async def test_a_bearer_header_authenticates_the_socket(
         assert await socket.recv() == {"type": "pong"}
 
 
+async def test_an_api_key_opens_its_owners_conversations_only(
+    live_server: LiveServer, http: httpx.AsyncClient, person: PartyFactory
+) -> None:
+    alice, bob = await person(), await person()
+    conversation_id = await new_conversation(http, alice)
+    created = await http.post("/auth/api-keys", headers=alice.headers, json={"name": "app"})
+    assert created.status_code == 201, created.text
+    key = created.json()["key"]
+    async with open_socket(live_server.ws_url, conversation_id, key) as socket:
+        await socket.chat('[[reply="Answered by key."]] q', "by-key")
+        answer = await socket.answer()
+    assert answer.text == "Answered by key."
+    assert answer.final is not None
+    assert answer.final["type"] == "complete"
+    async with open_socket(live_server.ws_url, await new_conversation(http, bob), key) as socket:
+        code, _ = await socket.closed()
+    assert code == 4003
+
+
 async def test_another_customers_conversation_is_closed_with_4003(
     live_server: LiveServer, http: httpx.AsyncClient, person: PartyFactory
 ) -> None:
