@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -14,13 +16,15 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import Column, MetaData, String, Table, Uuid, func, insert, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from helpline.auth.models import User, UserRole
 from helpline.core.database import (
+    DriverConnection,
     DriverStatement,
     SqliteWork,
     create_engine,
+    driver_connection,
     in_sqlite_transaction,
     lookup_session,
 )
@@ -61,6 +65,22 @@ def assert_the_agents_read_back(rows: list[Any], seen: datetime) -> None:
     assert all(type(row.role) is UserRole and row.seen_at.tzinfo is UTC for row in rows)
 
 
+@asynccontextmanager
+async def with_probes(database_url: str, tmp_path: Path) -> AsyncIterator[DriverConnection]:
+    """A driver connection that has the (temporary) PROBES table: its pool holds only the
+    connection that created it."""
+    settings = make_settings(database_url, tmp_path, database_pool_size=1, database_max_overflow=0)
+    engine = create_engine(settings)
+    try:
+        async with engine.connect() as connection:
+            await connection.run_sync(PROBES.metadata.create_all)
+            await connection.commit()
+        async with driver_connection(engine) as connection:
+            yield connection
+    finally:
+        await engine.dispose()
+
+
 async def _terminate(postgres_url: str, pid: int) -> None:
     admin = await asyncpg.connect(postgres_url.replace("postgresql+asyncpg://", "postgresql://"))
     try:
@@ -86,11 +106,13 @@ async def test_a_pooled_connection_killed_while_idle_is_replaced_unseen(
         await engine.dispose()
 
 
-async def backend_pid(connection: AsyncConnection, via: str) -> int:
-    """The connection's server process, asked through SQLAlchemy or on the driver itself."""
+async def backend_pid(engine: AsyncEngine, via: str) -> int:
+    """A pooled connection's server process, asked through SQLAlchemy or on the driver."""
     if via == "sqlalchemy":
-        return int((await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one())
-    (row,) = await BACKEND_PID.fetch(connection, {})
+        async with engine.connect() as connection:
+            return int((await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+    async with driver_connection(engine) as driver:
+        (row,) = await BACKEND_PID.fetch(driver, {})
     return int(row.pid)
 
 
@@ -103,18 +125,15 @@ async def test_a_connection_back_in_use_at_once_is_not_checked(
     run on the driver itself (`DriverStatement`) has the pool replace it too."""
     engine = create_engine(make_settings(postgres_url, tmp_path), ping_idle_after_s=60)
     try:
-        async with engine.connect() as connection:
-            first_pid = await backend_pid(connection, via)
+        first_pid = await backend_pid(engine, via)
         await _terminate(postgres_url, first_pid)
         await asyncio.sleep(0.1)
 
         with pytest.raises(DBAPIError) as raised:
-            async with engine.connect() as connection:
-                await backend_pid(connection, via)
+            await backend_pid(engine, via)
         assert raised.value.connection_invalidated
 
-        async with engine.connect() as connection:
-            assert await backend_pid(connection, via) != first_pid
+        assert await backend_pid(engine, via) != first_pid
     finally:
         await engine.dispose()
 
@@ -122,40 +141,26 @@ async def test_a_connection_back_in_use_at_once_is_not_checked(
 async def test_a_driver_statement_converts_values_both_ways_as_sqlalchemy_would(
     database_url: str, tmp_path: Path
 ) -> None:
-    engine = create_engine(make_settings(database_url, tmp_path))
     seen = datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone(timedelta(hours=2)))
-    try:
-        async with engine.connect() as connection:
-            await connection.run_sync(PROBES.metadata.create_all)
-            await connection.commit()  # the statements below commit by themselves
-            for name, role in PROBED:
-                probe = {"id": uuid.uuid4(), "name": name, "role": role, "seen_at": seen}
-                added = await ADD_PROBE.fetch(connection, probe)
-                assert [row.id for row in added] == [probe["id"]]
-            rows = await AGENT_PROBES.fetch(connection, {})
-            with pytest.raises(KeyError, match="seen_at"):  # never written as NULL unasked
-                await ADD_PROBE.fetch(
-                    connection, {"id": uuid.uuid4(), "name": "d", "role": "agent"}
-                )
-    finally:
-        await engine.dispose()
+    async with with_probes(database_url, tmp_path) as connection:
+        for name, role in PROBED:
+            probe = {"id": uuid.uuid4(), "name": name, "role": role, "seen_at": seen}
+            added = await ADD_PROBE.fetch(connection, probe)
+            assert [row.id for row in added] == [probe["id"]]
+        rows = await AGENT_PROBES.fetch(connection, {})
+        with pytest.raises(KeyError, match="seen_at"):  # never written as NULL unasked
+            await ADD_PROBE.fetch(connection, {"id": uuid.uuid4(), "name": "d", "role": "agent"})
     assert_the_agents_read_back(rows, seen)
 
 
 async def test_a_driver_statement_fails_a_constraint_with_an_integrity_error(
     database_url: str, tmp_path: Path
 ) -> None:
-    engine = create_engine(make_settings(database_url, tmp_path))
-    try:
-        async with engine.connect() as connection:
-            await connection.run_sync(PROBES.metadata.create_all)
-            await connection.commit()  # the statements below commit by themselves
-            probe = {"name": "twice", "role": UserRole.AGENT, "seen_at": None}
+    async with with_probes(database_url, tmp_path) as connection:
+        probe = {"name": "twice", "role": UserRole.AGENT, "seen_at": None}
+        await ADD_PROBE.fetch(connection, {**probe, "id": uuid.uuid4()})
+        with pytest.raises(IntegrityError):
             await ADD_PROBE.fetch(connection, {**probe, "id": uuid.uuid4()})
-            with pytest.raises(IntegrityError):
-                await ADD_PROBE.fetch(connection, {**probe, "id": uuid.uuid4()})
-    finally:
-        await engine.dispose()
 
 
 async def test_a_lookup_session_commits_each_statement_by_itself_on_postgresql(
@@ -247,7 +252,6 @@ async def test_a_sqlite_transaction_runs_driver_statements_and_rolls_back_what_f
 ) -> None:
     """`in_sqlite_transaction`: the types convert values as SQLAlchemy would, and work that
     raises leaves nothing behind (a constraint's failure comes as an `IntegrityError`)."""
-    engine = create_engine(make_settings(f"sqlite+aiosqlite:///{tmp_path}/work.db", tmp_path))
     seen = datetime(2026, 3, 4, 5, 6, 7, tzinfo=timezone(timedelta(hours=2)))
 
     def probe(name: str, role: UserRole | str) -> dict[str, object]:
@@ -263,13 +267,8 @@ async def test_a_sqlite_transaction_runs_driver_statements_and_rolls_back_what_f
             work.fetch(ADD_PROBE, probe(name, role))
         return work.fetch(AGENT_PROBES, {})
 
-    try:
-        async with engine.connect() as connection:
-            await connection.run_sync(PROBES.metadata.create_all)
-            await connection.commit()
-            with pytest.raises(IntegrityError):
-                await in_sqlite_transaction(connection, add_then_repeat)
-            rows = await in_sqlite_transaction(connection, add_then_read)
-    finally:
-        await engine.dispose()
+    async with with_probes(f"sqlite+aiosqlite:///{tmp_path}/work.db", tmp_path) as connection:
+        with pytest.raises(IntegrityError):
+            await in_sqlite_transaction(connection, add_then_repeat)
+        rows = await in_sqlite_transaction(connection, add_then_read)
     assert_the_agents_read_back(rows, seen)
