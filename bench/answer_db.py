@@ -7,8 +7,8 @@ committed before the model is called — on the way to the first token) and the 
 `store_result` (the final answer, usage, the conversation's activity). The model is not run.
 Prints the wall time of each (p50) and the CPU time per answer, beside a floor: one bare
 `SELECT 1` round trip on the same engine. Apart: the lookups a socket's handshake makes (its
-user, its conversation), as it makes them (a statement each on the driver, on one pooled
-connection), beside the same lookups through an ORM session.
+user, its conversation), as it makes them (a statement each on the driver), beside the same
+lookups through an ORM session.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ async def measure(database_url: str, data: Path) -> None:
     from helpline.core.database import (
         create_engine,
         create_sessionmaker,
+        driver_connection,
         lookup_session,
         unit_of_work,
     )
@@ -100,12 +101,12 @@ async def measure(database_url: str, data: Path) -> None:
             handshake_cpu_s = orm_handshake_cpu_s = 0.0
         looked_up_at = time.perf_counter()
         lookup_cpu_started = time.process_time()
-        async with database.connect() as connection:
+        async with driver_connection(database) as connection:
             standing = await auth_repository.get_user_standing(connection, user.id)
-            assert standing is not None
-            await service.get_conversation_owner(
-                connection, user=standing, conversation_id=conversation_id
-            )
+        assert standing is not None
+        await service.get_conversation_owner(
+            database, user=standing, conversation_id=conversation_id
+        )
         handshake_cpu_s += time.process_time() - lookup_cpu_started
         handshakes.append((time.perf_counter() - looked_up_at) * 1000)
         looked_up_at = time.perf_counter()

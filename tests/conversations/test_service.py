@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -398,8 +398,8 @@ async def test_an_answer_starts_with_the_prompt_estimate_of_the_history_it_gets(
     await stop(sessionmaker, engine, sent)
 
 
-@contextlib.contextmanager
-def statements_run(database: AsyncEngine) -> Iterator[list[str]]:
+@contextlib.asynccontextmanager
+async def statements_run(database: AsyncEngine) -> AsyncIterator[list[str]]:
     """The statements this task sends `database` meanwhile (not the app's background tasks'):
     through SQLAlchemy, and those run on asyncpg's own connection (`DriverStatement`)."""
     statements: list[str] = []
@@ -424,6 +424,7 @@ def statements_run(database: AsyncEngine) -> Iterator[list[str]]:
     event.listen(engine, "checkout", checked_out)
     try:
         yield statements
+        await asyncio.sleep(0)  # asyncpg calls its query loggers soon after, not at once
     finally:
         event.remove(engine, "before_cursor_execute", through_sqlalchemy)
         event.remove(engine, "checkout", checked_out)
@@ -460,8 +461,9 @@ async def test_a_customer_send_is_one_round_trip(
     in one trip to the connection's thread on SQLite."""
     owner = await create_user(session)
     conversation = await new_conversation(sessionmaker, owner)
-    with statements_run(app.state.engine) as statements, trips_to_sqlite(monkeypatch) as trips:
-        sent = await post(sessionmaker, engine, owner, conversation.id, "[[hang]] hi", "c-1")
+    async with statements_run(app.state.engine) as statements:
+        with trips_to_sqlite(monkeypatch) as trips:
+            sent = await post(sessionmaker, engine, owner, conversation.id, "[[hang]] hi", "c-1")
     assert sent.created
     if app.state.engine.dialect.name == "postgresql":
         assert len(statements) == 1, statements
@@ -491,8 +493,9 @@ async def test_storing_an_answer_is_one_round_trip_and_charges_its_usage(
         last_seq=5,
         usage=Usage(prompt_tokens=40, completion_tokens=4),
     )
-    with statements_run(app.state.engine) as statements, trips_to_sqlite(monkeypatch) as trips:
-        stored = await engine.store.store_result(result)
+    async with statements_run(app.state.engine) as statements:
+        with trips_to_sqlite(monkeypatch) as trips:
+            stored = await engine.store.store_result(result)
     assert stored.changed
     assert (stored.message["status"], stored.message["content"]) == ("complete", result.content)
     if app.state.engine.dialect.name == "postgresql":

@@ -233,27 +233,43 @@ async def test_the_handshake_echoes_the_request_id(
         await socket.ping()
 
 
-async def test_a_handshake_does_its_lookups_on_one_pooled_connection(
+async def test_a_handshake_looks_up_by_driver_statements_one_connection_at_a_time(
     live_server: LiveServer, http: httpx.AsyncClient, person: PartyFactory
 ) -> None:
-    """Who connects and to which conversation: one checkout, not one per lookup."""
+    """Who connects and to which conversation: a statement on the driver each, nothing
+    through SQLAlchemy's ORM, each on a pooled connection of its own, never two held at once."""
     alice = await person()
     conversation_id = await new_conversation(http, alice)
     async with open_socket(live_server.ws_url, conversation_id, alice.token) as socket:
         await socket.ping()  # the login is known now: later handshakes need not look it up
     database = live_server.server.config.app.state.engine.sync_engine
-    checkouts: list[object] = []
+    pool: list[str] = []
+    through_sqlalchemy: list[str] = []
 
     def checked_out(*_: object) -> None:
-        checkouts.append(_)
+        pool.append("out")
 
-    event.listen(database, "checkout", checked_out)
+    def checked_in(*_: object) -> None:
+        pool.append("in")
+
+    def executed(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        through_sqlalchemy.append(statement)
+
+    listeners = (
+        ("checkout", checked_out),
+        ("checkin", checked_in),
+        ("before_cursor_execute", executed),
+    )
+    for name, listener in listeners:
+        event.listen(database, name, listener)
     try:
         async with open_socket(live_server.ws_url, conversation_id, alice.token) as socket:
             await socket.ping()
     finally:
-        event.remove(database, "checkout", checked_out)
-    assert len(checkouts) == 1
+        for name, listener in listeners:
+            event.remove(database, name, listener)
+    assert pool == ["out", "in", "out", "in"]
+    assert through_sqlalchemy == []
 
 
 @with_settings(database_pool_size=2)  # one handshake at a time does its database work

@@ -16,7 +16,6 @@ import jwt
 from fastapi import Depends, Request, WebSocket
 from fastapi.security import OAuth2PasswordBearer
 from fastapi.security.utils import get_authorization_scheme_param
-from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import HTTPConnection
@@ -26,12 +25,7 @@ from helpline.auth.exceptions import InactiveUser
 from helpline.auth.models import User, UserRole
 from helpline.auth.principal import Principal
 from helpline.auth.security import TokenCodec, is_api_key
-from helpline.auth.service import (
-    Authentication,
-    AuthEnvironment,
-    CheckedCredential,
-    ClientInfo,
-)
+from helpline.auth.service import Authentication, AuthEnvironment, ClientInfo
 from helpline.core.database import DbSession
 from helpline.core.errors import Forbidden, NotAuthenticated
 
@@ -143,28 +137,15 @@ def websocket_token(websocket: WebSocket) -> str | None:
 
 
 async def authenticate_websocket(websocket: WebSocket) -> WebSocketIdentity:
-    """Authenticate a handshake, on a pooled connection of its own (a socket outlives any
-    request's unit of work); raises `NotAuthenticated` (or a subclass) or `InactiveUser`."""
-    credential = await check_websocket_credential(websocket)
-    async with websocket.app.state.engine.connect() as connection:
-        return await identify_websocket(connection, credential)
+    """Authenticate a handshake; raises `NotAuthenticated` (or a subclass) or `InactiveUser`.
 
-
-async def check_websocket_credential(websocket: WebSocket) -> CheckedCredential:
-    """The first step of `authenticate_websocket`, before a pooled connection is taken:
-    raises `NotAuthenticated` (or a subclass)."""
+    Looked up outside any request's unit of work, which a socket outlives."""
     token = websocket_token(websocket)
     if not token:
         raise NotAuthenticated()
-    return await auth_service.check_credential(auth_environment(websocket.app), token)
-
-
-async def identify_websocket(
-    connection: AsyncConnection, credential: CheckedCredential
-) -> WebSocketIdentity:
-    """The second step, on `connection` (checked out of the pool, outside a transaction):
-    raises `NotAuthenticated` (or a subclass) or `InactiveUser`."""
-    auth = await auth_service.authenticate_principal(connection, credential=credential)
+    env = auth_environment(websocket.app)
+    credential = await auth_service.check_credential(env, token)
+    auth = await auth_service.authenticate_principal(env, credential)
     if not auth.is_active:
         raise InactiveUser()
     return WebSocketIdentity(user=auth.user, login_id=auth.login_id, expires_at=auth.expires_at)

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, delete, exists, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from helpline.auth.models import ApiKey, Login, User, UserRole
-from helpline.core.database import DriverStatement
+from helpline.core.database import DriverConnection, DriverStatement
 from helpline.kit.pagination import paginate, split_page
 
 # --- users -------------------------------------------------------------------------------
@@ -35,7 +35,9 @@ _USER_STANDING = DriverStatement(
 )
 
 
-async def get_user_standing(connection: AsyncConnection, user_id: uuid.UUID) -> UserStanding | None:
+async def get_user_standing(
+    connection: DriverConnection, user_id: uuid.UUID
+) -> UserStanding | None:
     rows = await _USER_STANDING.fetch(connection, {"user_id": user_id})
     return UserStanding(*rows[0]) if rows else None
 
@@ -173,7 +175,7 @@ _LOGIN_REVOKED_AT = DriverStatement(
 )
 
 
-async def is_login_revoked(connection: AsyncConnection, login_id: uuid.UUID) -> bool:
+async def is_login_revoked(connection: DriverConnection, login_id: uuid.UUID) -> bool:
     """True when the login was revoked or no longer exists (its user was deleted)."""
     rows = await _LOGIN_REVOKED_AT.fetch(connection, {"login_id": login_id})
     return not rows or rows[0].revoked_at is not None
@@ -205,7 +207,7 @@ async def touch_login(
 
 
 async def touch_login_on(
-    connection: AsyncConnection, login_id: uuid.UUID, *, now: datetime, interval: timedelta
+    connection: DriverConnection, login_id: uuid.UUID, *, now: datetime, interval: timedelta
 ) -> None:
     """`touch_login` on a pooled connection, committed by itself."""
     await _TOUCH_LOGIN_ON_DRIVER.fetch(connection, _touch_login_params(login_id, now, interval))

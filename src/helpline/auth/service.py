@@ -14,7 +14,7 @@ from typing import TypeVar
 import structlog
 from limits import RateLimitItem, RateLimitItemPerSecond
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from helpline.auth import repository
 from helpline.auth.exceptions import (
@@ -54,7 +54,7 @@ from helpline.auth.security import (
     verify_password,
 )
 from helpline.core.config import Settings
-from helpline.core.database import on_commit, unit_of_work
+from helpline.core.database import driver_connection, on_commit, unit_of_work
 from helpline.core.errors import AppError, RateLimited
 from helpline.core.limiter import RateLimiter
 from helpline.kit.models import utcnow
@@ -482,32 +482,32 @@ class PrincipalAuthentication:
 
 
 async def authenticate_principal(
-    connection: AsyncConnection, *, credential: CheckedCredential
+    env: AuthEnvironment, credential: CheckedCredential
 ) -> PrincipalAuthentication:
-    """`authenticate`, for a `check_credential`ed credential, on a pooled connection that
-    stays free of a transaction.
+    """`authenticate`, for a `check_credential`ed credential, without the user's ORM row.
 
     For a socket's handshake: an access token costs one statement on the driver (and the
     activity write, at most once per `ACTIVITY_INTERVAL`), where an ORM session and its `get`
-    cost three times the CPU (`bench/answer_db.py`).
+    cost three times the CPU (`bench/answer_db.py`). An API key is looked up as `authenticate`
+    does.
     """
     claims = credential.claims
     if claims is None:
-        async with AsyncSession(bind=connection, expire_on_commit=False) as session:
+        async with unit_of_work(env.sessionmaker) as session:
             auth = await _authenticate_api_key(session, credential.token)
-            await session.commit()
         return PrincipalAuthentication(
             user=Principal.of(auth.user),
             is_active=auth.user.is_active,
             login_id=None,
             expires_at=None,
         )
-    standing = await repository.get_user_standing(connection, claims.user_id)
-    user = _in_good_standing(standing, revoked=credential.revoked)
-    if _recently_touched.due(claims.login_id):
-        await repository.touch_login_on(
-            connection, claims.login_id, now=utcnow(), interval=ACTIVITY_INTERVAL
-        )
+    async with driver_connection(env.sessionmaker.kw["bind"]) as connection:
+        standing = await repository.get_user_standing(connection, claims.user_id)
+        user = _in_good_standing(standing, revoked=credential.revoked)
+        if _recently_touched.due(claims.login_id):
+            await repository.touch_login_on(
+                connection, claims.login_id, now=utcnow(), interval=ACTIVITY_INTERVAL
+            )
     return PrincipalAuthentication(
         user=Principal(id=user.id, role=user.role),
         is_active=user.is_active,

@@ -35,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from helpline.agents.tokens import TOKENS_PER_MESSAGE
 from helpline.conversations.models import (
@@ -47,6 +47,7 @@ from helpline.conversations.models import (
     TokenUsage,
 )
 from helpline.core.database import (
+    DriverConnection,
     DriverRow,
     DriverStatement,
     SqliteWork,
@@ -97,7 +98,7 @@ _CONVERSATION_OWNER = DriverStatement(
 
 
 async def get_conversation_owner(
-    connection: AsyncConnection, conversation_id: uuid.UUID
+    connection: DriverConnection, conversation_id: uuid.UUID
 ) -> uuid.UUID | None:
     """The id of the conversation's customer; None when there is no such conversation."""
     rows = await _CONVERSATION_OWNER.fetch(connection, {"conversation_id": conversation_id})
@@ -472,7 +473,7 @@ _INSERT_MESSAGE_ROW = DriverStatement(_INSERT_MESSAGE)
 
 
 async def send_at_once(
-    connection: AsyncConnection,
+    connection: DriverConnection,
     *,
     conversation_id: uuid.UUID,
     author_id: uuid.UUID,
@@ -800,7 +801,7 @@ _CHARGE = DriverStatement(
 
 
 async def store_result_at_once(
-    connection: AsyncConnection,
+    connection: DriverConnection,
     *,
     message_id: uuid.UUID,
     values: dict[str, object],

@@ -21,12 +21,7 @@ from fastapi.responses import StreamingResponse
 from starlette.datastructures import Headers
 from starlette.routing import WebSocketRoute
 
-from helpline.auth.dependencies import (
-    CurrentUser,
-    WebSocketIdentity,
-    check_websocket_credential,
-    identify_websocket,
-)
+from helpline.auth.dependencies import CurrentUser, WebSocketIdentity, authenticate_websocket
 from helpline.conversations import service as conversations_service
 from helpline.conversations.dependencies import OwnedConversation
 from helpline.conversations.exceptions import AnswerNotFound
@@ -138,25 +133,18 @@ class FoundChat(NamedTuple):
 async def _lookup_chat(websocket: WebSocket) -> FoundChat | Refused:
     """The socket's user and conversation, or why it is refused."""
     try:
-        credential = await check_websocket_credential(websocket)
+        identity = await authenticate_websocket(websocket)
     except AppError:
         return Refused(CLOSE_UNAUTHORIZED, "Unauthorized")
-    # Both lookups on one pooled connection, each a statement on the driver: an ORM session
-    # and its `get`s cost three times the CPU (`bench/answer_db.py`).
-    async with websocket.app.state.engine.connect() as connection:
-        try:
-            identity = await identify_websocket(connection, credential)
-        except AppError:
-            return Refused(CLOSE_UNAUTHORIZED, "Unauthorized")
-        try:
-            conversation_id = uuid.UUID(websocket.path_params["conversation_id"])
-            owner_id = await conversations_service.get_conversation_owner(
-                connection, user=identity.user, conversation_id=conversation_id
-            )
-        except Forbidden:
-            return Refused(CLOSE_FORBIDDEN, "Forbidden")
-        except (ValueError, NotFound):
-            return Refused(CLOSE_NOT_FOUND, "Conversation not found")
+    try:
+        conversation_id = uuid.UUID(websocket.path_params["conversation_id"])
+        owner_id = await conversations_service.get_conversation_owner(
+            websocket.app.state.engine, user=identity.user, conversation_id=conversation_id
+        )
+    except Forbidden:
+        return Refused(CLOSE_FORBIDDEN, "Forbidden")
+    except (ValueError, NotFound):
+        return Refused(CLOSE_NOT_FOUND, "Conversation not found")
     return FoundChat(identity, conversation_id, owner_id)
 
 
