@@ -54,7 +54,7 @@ from helpline.auth.security import (
     verify_password,
 )
 from helpline.core.config import Settings
-from helpline.core.database import driver_connection, on_commit, unit_of_work
+from helpline.core.database import driver_connection, lookup_session, on_commit, unit_of_work
 from helpline.core.errors import AppError, RateLimited
 from helpline.core.limiter import RateLimiter
 from helpline.kit.models import utcnow
@@ -426,8 +426,8 @@ async def check_credential(env: AuthEnvironment, token: str) -> CheckedCredentia
     """An access token's signature, type, lifetime (401 otherwise) and revocation; an API key
     is checked with its user.
 
-    Done before a connection is taken for the user: the revocation lookup may use one of its
-    own, and a caller holding one while it waits could run the pool dry.
+    Done before the user is read, with no pooled connection held meanwhile: the revocation
+    lookup may take one of its own.
     """
     if is_api_key(token):
         return CheckedCredential(token=token, claims=None, revoked=False)
@@ -493,7 +493,7 @@ async def authenticate_principal(
     """
     claims = credential.claims
     if claims is None:
-        async with unit_of_work(env.sessionmaker) as session:
+        async with lookup_session(env.sessionmaker) as session:
             auth = await _authenticate_api_key(session, credential.token)
         return PrincipalAuthentication(
             user=Principal.of(auth.user),
