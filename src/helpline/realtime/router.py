@@ -138,12 +138,15 @@ async def _lookup_chat(websocket: WebSocket) -> FoundChat | Refused:
         return Refused(CLOSE_UNAUTHORIZED, "Unauthorized")
     try:
         conversation_id = uuid.UUID(websocket.path_params["conversation_id"])
+    except ValueError:
+        return Refused(CLOSE_NOT_FOUND, "Conversation not found")
+    try:
         owner_id = await conversations_service.get_conversation_owner(
             websocket.app.state.engine, user=identity.user, conversation_id=conversation_id
         )
     except Forbidden:
         return Refused(CLOSE_FORBIDDEN, "Forbidden")
-    except (ValueError, NotFound):
+    except NotFound:
         return Refused(CLOSE_NOT_FOUND, "Conversation not found")
     return FoundChat(identity, conversation_id, owner_id)
 
