@@ -15,11 +15,12 @@ import asyncpg
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import Column, MetaData, String, Table, Uuid, func, insert, select, text
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from helpline.auth.models import User, UserRole
 from helpline.core.database import (
+    DatabaseUnavailable,
     DriverConnection,
     DriverStatement,
     SqliteWork,
@@ -27,6 +28,7 @@ from helpline.core.database import (
     driver_connection,
     in_sqlite_transaction,
     lookup_session,
+    unavailable_error,
 )
 from helpline.kit.models import UTCDateTime, enum_column
 from tests.conftest import make_settings
@@ -151,6 +153,32 @@ async def test_a_driver_statement_converts_values_both_ways_as_sqlalchemy_would(
         with pytest.raises(KeyError, match="seen_at"):  # never written as NULL unasked
             await ADD_PROBE.fetch(connection, {"id": uuid.uuid4(), "name": "d", "role": "agent"})
     assert_the_agents_read_back(rows, seen)
+
+
+@pytest.mark.parametrize(
+    ("backend", "refusal"), [("sqlite", OperationalError), ("postgres", ConnectionRefusedError)]
+)
+async def test_a_driver_connection_that_cannot_connect_says_the_database_is_unavailable(
+    tmp_path: Path, backend: str, refusal: type[Exception]
+) -> None:
+    """As `engine.connect()` does: the client is told to retry, not that the server failed."""
+    url = {
+        "sqlite": f"sqlite+aiosqlite:///{tmp_path}/no-such-directory/helpline.db",
+        "postgres": "postgresql+asyncpg://postgres@127.0.0.1:1/helpline",
+    }[backend]
+    engine = create_engine(make_settings(url, tmp_path))
+    try:
+        with pytest.raises(refusal) as through_sqlalchemy:
+            async with engine.connect():
+                pass
+        with pytest.raises(refusal) as on_the_driver:
+            async with driver_connection(engine):
+                pass
+    finally:
+        await engine.dispose()
+    assert isinstance(unavailable_error(through_sqlalchemy.value), DatabaseUnavailable)
+    assert isinstance(unavailable_error(on_the_driver.value), DatabaseUnavailable)
+    assert type(on_the_driver.value) is type(through_sqlalchemy.value)
 
 
 async def test_a_driver_statement_fails_a_constraint_with_an_integrity_error(
