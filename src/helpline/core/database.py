@@ -257,7 +257,9 @@ class _Compiled:
     names: list[str]
     fixed: dict[str, Any]  # the values the statement holds itself (the others must be given)
     bind_processors: list[Callable[[Any], Any] | None]
-    result_processors: list[Callable[[Any], Any] | None]
+    # The columns whose values need converting, by position: most come out of the driver as
+    # they are, and looking at each one's (absent) processor costs a quarter of a row's time.
+    result_processors: list[tuple[int, Callable[[Any], Any]]]
     make_row: Callable[[Any], Any]
 
     @classmethod
@@ -275,8 +277,10 @@ class _Compiled:
                 binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
             ],
             result_processors=[
-                column.type.dialect_impl(dialect).result_processor(dialect, None)
-                for column in columns
+                (index, processor)
+                for index, column in enumerate(columns)
+                if (processor := column.type.dialect_impl(dialect).result_processor(dialect, None))
+                is not None
             ],
             make_row=row_type._make,
         )
@@ -292,13 +296,15 @@ class _Compiled:
     def rows(self, records: Iterable[Iterable[Any]]) -> list[DriverRow]:
         processors = self.result_processors
         make_row = self.make_row
-        return [
-            make_row(
-                value if processor is None or value is None else processor(value)
-                for value, processor in zip(record, processors, strict=True)
-            )
-            for record in records
-        ]
+        rows = []
+        for record in records:
+            values = list(record)
+            for index, processor in processors:
+                value = values[index]
+                if value is not None:
+                    values[index] = processor(value)
+            rows.append(make_row(values))
+        return rows
 
 
 class DriverConnection:
