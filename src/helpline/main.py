@@ -188,9 +188,7 @@ async def _start_generation(app: FastAPI, settings: Settings) -> None:
     app.state.ws_connections = registry
     app.state.ws_frame_limiter = FrameRateLimiter(settings.ws_rate_limit)
     app.state.ws_handshakes = asyncio.Semaphore(handshake_slots(settings))
-    app.state.before_model_call = model_call_guard(
-        app.state.limiter, settings, app.state.sessionmaker
-    )
+    app.state.before_model_call = model_call_guard(app.state.limiter, settings, app.state.engine)
     close_revoked_sockets(app.state.revocations, engine, registry)
     app.state.health_checks["llm"] = check_llm
 

@@ -33,7 +33,7 @@ from helpline.conversations.models import (
     MessageRole,
     MessageStatus,
 )
-from helpline.core.database import unit_of_work
+from helpline.core.database import driver_connection, unit_of_work
 from helpline.kit.models import utcnow
 from helpline.realtime.engine import AnswerResult, GenerationEngine
 from tests.factories import create_user
@@ -502,10 +502,11 @@ async def test_storing_an_answer_is_one_round_trip_and_charges_its_usage(
         assert len(statements) == 1, statements
     else:
         assert (len(statements), len(trips)) == (0, 1)
-    async with sessionmaker() as check:
+    async with driver_connection(app.state.engine) as connection:
         charged = await repository.get_token_usage(
-            check, user_id=owner.id, day=service.usage_day(utcnow())
+            connection, user_id=owner.id, day=service.usage_day(utcnow())
         )
+    async with sessionmaker() as check:
         touched = await check.get(Conversation, conversation.id)
     assert charged == 44
     assert touched is not None

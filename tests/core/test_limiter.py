@@ -15,6 +15,7 @@ import websockets
 from fastapi import FastAPI
 
 from helpline.core.config import Settings
+from helpline.core.database import driver_connection
 from helpline.core.limiter import InProcessStorage, RateLimiter
 from helpline.main import create_app
 from helpline.realtime.frames import Frame
@@ -259,10 +260,10 @@ async def test_cancelled_answers_are_charged(settings: Settings) -> None:
         response = await send
         assistant = response.json()["assistant_message"]
         assert assistant["status"] == "cancelled"
-        async with application.state.sessionmaker() as session:
-            user_id = uuid.UUID(response.json()["user_message"]["author_id"])
+        user_id = uuid.UUID(response.json()["user_message"]["author_id"])
+        async with driver_connection(application.state.engine) as connection:
             used = await repository.get_token_usage(
-                session, user_id=user_id, day=usage_day(utcnow())
+                connection, user_id=user_id, day=usage_day(utcnow())
             )
     assert assistant["token_count"] >= 3
     assert used >= assistant["token_count"]

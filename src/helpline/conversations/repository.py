@@ -597,11 +597,17 @@ async def count_messages(session: AsyncSession, conversation_id: uuid.UUID) -> d
     return {str(role): int(count) for role, count in (await session.execute(statement)).all()}
 
 
-async def get_token_usage(session: AsyncSession, *, user_id: uuid.UUID, day: str) -> int:
-    value = await session.scalar(
-        select(TokenUsage.tokens).where(TokenUsage.user_id == user_id, TokenUsage.day == day)
+_TOKENS_USED = DriverStatement(
+    select(TokenUsage.tokens).where(
+        TokenUsage.user_id == bindparam("user_id"), TokenUsage.day == bindparam("day")
     )
-    return int(value or 0)
+)
+
+
+async def get_token_usage(connection: DriverConnection, *, user_id: uuid.UUID, day: str) -> int:
+    """The tokens the user's answers used on `day` (0 before the first)."""
+    rows = await _TOKENS_USED.fetch(connection, {"user_id": user_id, "day": day})
+    return int(rows[0].tokens) if rows else 0
 
 
 async def memory_messages(

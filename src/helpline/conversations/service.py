@@ -836,12 +836,16 @@ def usage_day(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d")
 
 
-async def check_token_budget(session: AsyncSession, *, user: Actor, budget: int) -> None:
-    """`429 TOKEN_BUDGET_EXCEEDED` once today's answers used `budget` tokens (0: no budget)."""
+async def check_token_budget(database: AsyncEngine, *, user: Actor, budget: int) -> None:
+    """`429 TOKEN_BUDGET_EXCEEDED` once today's answers used `budget` tokens (0: no budget).
+
+    Checked before every model call, on the way to its first token: a statement on the driver.
+    """
     if budget <= 0:
         return
     now = utcnow()
-    used = await repository.get_token_usage(session, user_id=user.id, day=usage_day(now))
+    async with driver_connection(database) as connection:
+        used = await repository.get_token_usage(connection, user_id=user.id, day=usage_day(now))
     if used >= budget:
         midnight = (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
         retry_after = max(1, int((midnight - now).total_seconds()))

@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from helpline.auth.principal import Actor
 from helpline.auth.revocation import RevocationNotice, Revocations
@@ -176,7 +176,7 @@ async def follow_reply(
 def model_call_guard(
     limiter: RateLimiter,
     settings: Settings,
-    sessionmaker: async_sessionmaker[AsyncSession],
+    database: AsyncEngine,
 ) -> ModelCallGuard:
     """The check every model-running endpoint makes first (REST, SSE, WebSocket `chat`).
 
@@ -186,11 +186,9 @@ def model_call_guard(
     async def guard(user: Actor) -> None:
         try:
             await limiter.enforce(settings.rate_limit_llm, "llm", str(user.id))
-            if settings.token_budget_daily > 0:
-                async with lookup_session(sessionmaker) as session:
-                    await conversations_service.check_token_budget(
-                        session, user=user, budget=settings.token_budget_daily
-                    )
+            await conversations_service.check_token_budget(
+                database, user=user, budget=settings.token_budget_daily
+            )
         except TokenBudgetExceeded:
             metrics.RATE_LIMITED.labels(scope="budget").inc()
             raise
