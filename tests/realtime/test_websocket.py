@@ -874,6 +874,22 @@ async def test_too_many_frames_are_rate_limited_and_the_socket_stays_open(
         assert frame["code"] == "RATE_LIMITED"
 
 
+@with_settings(token_budget_daily=20)
+async def test_a_chat_past_the_daily_token_budget_gets_an_error_frame_and_no_answer(
+    live_server: LiveServer, http: httpx.AsyncClient, person: PartyFactory
+) -> None:
+    alice = await person()
+    conversation_id = await new_conversation(http, alice)
+    async with open_socket(live_server.ws_url, conversation_id, alice.token) as socket:
+        await socket.chat("[[tokens=30]] a long one", "within-budget")
+        assert (await socket.answer()).final is not None
+        await socket.chat("and another", "past-budget")
+        refused = await expect_error(socket, "TOKEN_BUDGET_EXCEEDED")
+    assert refused["reply_to"] == "past-budget"
+    contents = [m["content"] for m in await list_all_messages(http, alice, conversation_id)]
+    assert "and another" not in contents
+
+
 # -- slow consumers ----------------------------------------------------------------------------
 
 
