@@ -104,6 +104,39 @@ async def test_pieces_keep_their_schedule_when_the_reader_falls_behind() -> None
     assert arrivals[-1] < 0.2 + 0.1
 
 
+async def test_pieces_due_while_the_reader_was_away_come_without_yielding_to_the_loop() -> None:
+    """As buffered network data: what fell due during a stall is read back to back; the
+    stream yields again for the first piece not yet due, and for every piece without a delay."""
+    loop_turns = 0
+
+    def count_turns() -> None:
+        nonlocal loop_turns
+        loop_turns += 1
+        turns.append(loop.call_soon(count_turns))
+
+    loop = asyncio.get_running_loop()
+    turns = [loop.call_soon(count_turns)]
+    turns_at_piece: list[int] = []
+    try:
+        async for event in FakeChatModel().stream(ask("[[tokens=20 delay_ms=20]]")):
+            if isinstance(event, TextDelta):
+                turns_at_piece.append(loop_turns)
+                if len(turns_at_piece) == 1:
+                    # A busy loop, blocked on purpose: pieces 2-6 fall due meanwhile.
+                    time.sleep(0.1)  # noqa: ASYNC251
+        paced = list(turns_at_piece)
+        turns_at_piece.clear()
+        async for event in FakeChatModel().stream(ask("[[tokens=5]]")):
+            if isinstance(event, TextDelta):
+                turns_at_piece.append(loop_turns)
+    finally:
+        turns[-1].cancel()
+    assert len(paced) == 20
+    assert len(set(paced[1:6])) == 1  # pieces 2-6 without a turn of the loop between them
+    assert paced[-1] > paced[5]  # the last was not due yet: the stream waited for it
+    assert len(set(turns_at_piece)) == 5  # no delay: a turn before every piece
+
+
 async def test_fail_after_raises_after_that_many_pieces() -> None:
     model = FakeChatModel()
     texts: list[str] = []

@@ -33,11 +33,12 @@ messages after the last user message hold no tool result yet, it answers with th
 are in, it answers with its text as usual. Offered no tools, it ignores these blocks.
 
 Pieces are words with their leading whitespace, so concatenating the `TextDelta`s rebuilds the
-text exactly. Every piece is awaited (`asyncio.sleep`, zero by default), so the stream yields
-to the event loop once per piece, like a network stream, and cancellation lands at once.
-Pieces are due on a schedule from the stream's start, as a remote model streams however fast
-it is read: a reader that fell behind gets the overdue pieces at once, rather than every delay
-adding up its lateness.
+text exactly. Pieces are due on a schedule from the stream's start, as a remote model streams
+however fast it is read: a reader that fell behind gets the overdue pieces at once, rather than
+every delay adding up its lateness. As from a network stream, the pieces that fell due while the
+reader was away come out together, and the stream yields to the event loop (`asyncio.sleep`)
+before each piece that was not yet due when it last came back, and before every piece when
+there is no delay: cancellation lands at once, and a stream never holds the loop for long.
 Usage is reported as a provider would: prompt tokens estimated from the messages, completion
 tokens = the number of pieces. Unknown directives and bad values are ignored (and logged).
 
@@ -246,15 +247,19 @@ class FakeChatModel:
                 )
                 return
             loop = asyncio.get_running_loop()
-            due = loop.time()
+            due = returned_at = loop.time()  # returned_at: when the stream last had the loop back
             for index, piece in enumerate(pieces):
                 if index == script.fail_after:
                     outcome = "failed"
                     raise LLMServiceError("The fake model failed as scripted")
                 if index == script.hang_after:
                     await asyncio.Event().wait()
-                due += (first_delay_ms if index == 0 else delay_ms) / 1000
-                await asyncio.sleep(max(0.0, due - loop.time()))
+                delay_s = (first_delay_ms if index == 0 else delay_ms) / 1000
+                due += delay_s
+                # Due by the time the stream last had the loop back: already "received".
+                if delay_s == 0 or due > returned_at:
+                    await asyncio.sleep(max(0.0, due - loop.time()))
+                    returned_at = loop.time()
                 yield TextDelta(piece)
             # A failure or hang scripted at the end (N ≥ the number of pieces) happens there.
             if script.fail_after is not None and script.fail_after >= len(pieces):
