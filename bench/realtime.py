@@ -12,9 +12,10 @@ counted in the text received (each fake piece is one word), since a frame may ca
 
 - unpaced: 100 sockets, each its own answer of 2,000 tokens as fast as the generator goes;
   delivered tokens/s.
-- paced: 1,000 and 2,000 streams at 50 tokens/s; share of tokens delivered on time and p99 token
-  delay (arrival minus the time the generator produced it at its pace), and the server's CPU
-  per token; then 1,000 one-token answers: the server's CPU per answer apart from its tokens.
+- paced: 1,000 and 2,000 streams at 50 tokens/s; share of tokens delivered on time, p99 token
+  delay (arrival minus the time the generator produced it at its pace), the `token` frames that
+  carried them, and the server's CPU per token; then 1,000 one-token answers: the server's CPU
+  per answer apart from its tokens.
 - ttft: time from the request to the first token on an open socket (Helpline also commits the
   user message and the answer row first); added over the bare server.
 - memory: server RSS per idle socket with 5,000 open, without and with permessage-deflate, on
@@ -309,7 +310,14 @@ async def cpu_of(server: Server, scenario: Awaitable[T]) -> tuple[T, float]:
     return result, server.cpu_s - started
 
 
-async def paced(target: Target, streams: int, tokens: int = PACED_TOKENS) -> tuple[float, float]:
+@dataclass(frozen=True)
+class PacedRun:
+    on_time: float  # the share of tokens delivered before their stream's deadline
+    p99_delay_ms: float
+    token_frames: int  # `token` frames received, all streams together
+
+
+async def paced(target: Target, streams: int, tokens: int = PACED_TOKENS) -> PacedRun:
     pairs = await open_streams(target, streams, tokens)
     spread_s = 1.0
     for index, (client, stream) in enumerate(pairs):
@@ -327,7 +335,11 @@ async def paced(target: Target, streams: int, tokens: int = PACED_TOKENS) -> tup
     lateness = [value for _, s in pairs for value in s.lateness]
     for client, _ in pairs:
         client.close()
-    return on_time, pct(lateness, 0.99) * 1000
+    return PacedRun(
+        on_time=on_time,
+        p99_delay_ms=pct(lateness, 0.99) * 1000,
+        token_frames=sum(s.token_frames for _, s in pairs),
+    )
 
 
 async def ttft(target: Target, rounds: int = 200) -> tuple[float, float]:
@@ -453,10 +465,16 @@ async def streaming_scenarios(scenarios: list[str], data: Path, database_url: st
                     f"paced, {streams} streams at 50 tokens/s (target on time >= "
                     f"{'95' if streams == 1000 else '90'} %, p99 <= 250 ms)"
                 )
-                (ours_share, ours_p99), ours_cpu = await cpu_of(ours, paced(ours_target, streams))
-                (bare_share, bare_p99), bare_cpu = await cpu_of(bare, paced(bare_target, streams))
-                row("tokens delivered on time (%)", ours_share * 100, bare_share * 100, "%")
-                row("p99 token delay", ours_p99, bare_p99, "ms", "lower")
+                ours_run, ours_cpu = await cpu_of(ours, paced(ours_target, streams))
+                bare_run, bare_cpu = await cpu_of(bare, paced(bare_target, streams))
+                row(
+                    "tokens delivered on time (%)",
+                    ours_run.on_time * 100,
+                    bare_run.on_time * 100,
+                    "%",
+                )
+                row("p99 token delay", ours_run.p99_delay_ms, bare_run.p99_delay_ms, "ms", "lower")
+                row("token frames sent", ours_run.token_frames, bare_run.token_frames, "", "lower")
                 to_us = 1e6 / (streams * PACED_TOKENS)
                 row(
                     "server CPU per token, all in",
