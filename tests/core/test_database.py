@@ -4,6 +4,7 @@ sessions outside a request."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,6 +33,7 @@ from helpline.core.database import (
 )
 from helpline.kit.models import UTCDateTime, enum_column
 from tests.conftest import make_settings
+from tests.realtime.helpers import eventually
 
 # Per connection: each test that uses it creates it on its own connection.
 PROBES = Table(
@@ -167,6 +169,7 @@ async def test_a_driver_connection_that_cannot_connect_says_the_database_is_unav
         "postgres": "postgresql+asyncpg://postgres@127.0.0.1:1/helpline",
     }[backend]
     engine = create_engine(make_settings(url, tmp_path))
+    threads_before = set(threading.enumerate())
     try:
         with pytest.raises(refusal) as through_sqlalchemy:
             async with engine.connect():
@@ -176,6 +179,14 @@ async def test_a_driver_connection_that_cannot_connect_says_the_database_is_unav
                 pass
     finally:
         await engine.dispose()
+
+    def sqlite_threads_stopped() -> bool:
+        # aiosqlite stops the thread of a connection that failed to open without waiting for
+        # it: it must report back before this test's event loop closes.
+        started = set(threading.enumerate()) - threads_before
+        return not any("_connection_worker_thread" in thread.name for thread in started)
+
+    await eventually(sqlite_threads_stopped)
     assert isinstance(unavailable_error(through_sqlalchemy.value), DatabaseUnavailable)
     assert isinstance(unavailable_error(on_the_driver.value), DatabaseUnavailable)
     assert type(on_the_driver.value) is type(through_sqlalchemy.value)
