@@ -633,6 +633,25 @@ async def test_a_chat_when_no_database_connection_comes_free_gets_an_error_to_re
         assert answer.final["message"]["content"] == "Here."
 
 
+@with_settings(database_pool_timeout_s=0.2)
+async def test_a_handshake_when_no_database_connection_comes_free_is_closed_to_retry_later(
+    live_server: LiveServer, live_app: FastAPI, http: httpx.AsyncClient, person: PartyFactory
+) -> None:
+    alice = await person()
+    conversation_id = await new_conversation(http, alice)
+    async with open_socket(live_server.ws_url, conversation_id, alice.token) as socket:
+        await socket.ping()  # the login's revocation is known now: only the lookups remain
+    taken = await live_server.run_in_server(take_every_connection(live_app.state.engine))
+    try:
+        async with open_socket(live_server.ws_url, conversation_id, alice.token) as socket:
+            refused = await socket.closed()
+    finally:
+        await live_server.run_in_server(taken.aclose())
+    assert refused == (1013, "Try again later")
+    async with open_socket(live_server.ws_url, conversation_id, alice.token) as socket:
+        await socket.ping()
+
+
 async def test_a_second_chat_while_an_answer_streams_is_refused_with_generation_in_progress(
     live_server: LiveServer, http: httpx.AsyncClient, person: PartyFactory
 ) -> None:
