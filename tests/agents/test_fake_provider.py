@@ -9,7 +9,13 @@ import time
 import pytest
 
 from helpline.agents.exceptions import LLMServiceError
-from helpline.agents.providers.fake import FakeChatModel, parse_script, split_pieces
+from helpline.agents.providers.fake import (
+    CLOCK_TICK_S,
+    FakeChatModel,
+    parse_script,
+    piece_clock,
+    split_pieces,
+)
 from helpline.agents.schemas import ChatMessage, TextDelta, ToolCall, ToolSpec, Usage
 from helpline.agents.tokens import estimate_prompt_tokens, estimate_tokens
 
@@ -135,6 +141,73 @@ async def test_pieces_due_while_the_reader_was_away_come_without_yielding_to_the
     assert len(set(paced[1:6])) == 1  # pieces 2-6 without a turn of the loop between them
     assert paced[-1] > paced[5]  # the last was not due yet: the stream waited for it
     assert len(set(turns_at_piece)) == 5  # no delay: a turn before every piece
+
+
+async def test_the_piece_clock_wakes_each_wait_at_its_time_never_before() -> None:
+    clock = piece_clock()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    whens = [start + offset for offset in (0.012, 0.0051, 0.0302, 0.0053, 0.02)]
+    woken: dict[float, float] = {}
+    order: list[float] = []
+
+    async def wait(when: float) -> None:
+        await clock.wait_until(when)
+        woken[when] = loop.time()
+        order.append(when)
+
+    await asyncio.gather(*(wait(when) for when in whens))
+
+    for when in whens:
+        assert when <= woken[when] < when + 0.05
+    # By due time; the two waits due in one tick in the order they were asked for.
+    assert order == [whens[1], whens[3], whens[0], whens[4], whens[2]]
+
+
+async def test_the_waits_due_in_one_tick_share_one_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    timers: list[float] = []
+    call_at = loop.call_at
+
+    def counting_call_at(when: float, *args: object, **kwargs: object) -> asyncio.TimerHandle:
+        timers.append(when)
+        return call_at(when, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "call_at", counting_call_at)
+    clock = piece_clock()
+    tick = (loop.time() + 0.02) // CLOCK_TICK_S * CLOCK_TICK_S
+    waits = [clock.wait_until(tick + CLOCK_TICK_S * fraction) for fraction in (0.1, 0.5, 0.9)]
+    later = clock.wait_until(tick + CLOCK_TICK_S * 3.5)
+
+    await asyncio.gather(*waits, later)
+
+    assert len(timers) == 2
+
+
+async def test_a_cancelled_wait_leaves_the_others_of_its_tick_to_wake() -> None:
+    clock = piece_clock()
+    when = asyncio.get_running_loop().time() + 0.01
+    cancelled = asyncio.ensure_future(clock.wait_until(when))
+    others = [clock.wait_until(when), clock.wait_until(when)]
+    await asyncio.sleep(0)
+    cancelled.cancel()
+
+    await asyncio.wait_for(asyncio.gather(*others), 1)
+
+    assert cancelled.cancelled()
+    assert all(other.done() and not other.cancelled() for other in others)
+
+
+async def test_many_paced_streams_keep_their_schedule_on_the_shared_clock() -> None:
+    model = FakeChatModel()
+    started = time.monotonic()
+    results = await asyncio.gather(
+        *(run(model, f"[[tokens=10 delay_ms={5 + index % 7}]]") for index in range(200))
+    )
+
+    assert [len(texts) for texts, _ in results] == [10] * 200
+    # The slowest stream takes 10 x 11 ms; nobody waits a piece's delay more than once.
+    assert 10 * 0.011 * 0.9 <= time.monotonic() - started < 10 * 0.011 + 1.0
 
 
 async def test_fail_after_raises_after_that_many_pieces() -> None:
