@@ -83,6 +83,8 @@ def configure_logging(level: str = "INFO", fmt: str = "console") -> None:
 
     structlog.configure(
         processors=[
+            # First: an event below the level costs a level check, not the whole chain.
+            structlog.stdlib.filter_by_level,
             *shared,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],

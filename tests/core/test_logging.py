@@ -1,0 +1,52 @@
+"""Logging set-up: lines at the configured level and above, through one chain of processors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import structlog
+from structlog.types import EventDict
+
+from helpline.core import logging as helpline_logging
+from helpline.core.logging import add_log_enricher, configure_logging
+
+
+@pytest.fixture
+def enriched_events() -> Iterator[list[str]]:
+    """Configure logging for the test (restored afterwards); the events the chain enriched."""
+    structlog_config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    seen: list[str] = []
+
+    def count(_: Any, __: str, event_dict: EventDict) -> EventDict:
+        seen.append(str(event_dict.get("event")))
+        return event_dict
+
+    add_log_enricher(count)
+    try:
+        yield seen
+    finally:
+        helpline_logging._extra_processors.remove(count)
+        structlog.configure(**structlog_config)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+
+
+def test_an_event_below_the_level_is_dropped_before_the_processors_run(
+    enriched_events: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("WARNING")
+    log = structlog.get_logger("helpline.test")
+
+    log.info("engine.quiet", answer="dropped")
+    log.warning("engine.loud", answer="kept")
+
+    assert enriched_events == ["engine.loud"]
+    written = capsys.readouterr().err
+    assert "engine.loud" in written
+    assert "engine.quiet" not in written
+
