@@ -50,3 +50,17 @@ def test_an_event_below_the_level_is_dropped_before_the_processors_run(
     assert "engine.loud" in written
     assert "engine.quiet" not in written
 
+
+def test_lines_of_other_libraries_go_through_the_same_chain_redacted(
+    enriched_events: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    configure_logging("INFO", fmt="json")
+
+    logging.getLogger("uvicorn.error").info('"GET /chat/ws/1?token=%s"', "secret-value")
+    logging.getLogger("uvicorn.error").debug("below the level")
+
+    written = capsys.readouterr().err
+    assert "[redacted]" in written
+    assert "secret-value" not in written
+    assert "below the level" not in written
+    assert len(enriched_events) == 1

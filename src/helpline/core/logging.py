@@ -49,12 +49,13 @@ class RedactSecretsFilter(logging.Filter):
     """Rewrites `?token=…` in records of loggers we do not own (uvicorn's access log)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(
-                redact_url(arg) if isinstance(arg, str) else arg for arg in record.args
-            )
-        if isinstance(record.msg, str):
-            record.msg = redact_url(record.msg)
+        # The line as it will be written: a secret may be in the message, in its arguments,
+        # or split between them (`"token=%s"`); redacting the message alone would leave a
+        # placeholder without its argument, and logging would print that argument instead.
+        message = record.getMessage()
+        redacted = redact_url(message)
+        if redacted != message:
+            record.msg, record.args = redacted, ()
         return True
 
 
