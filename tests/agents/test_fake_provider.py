@@ -124,12 +124,15 @@ async def test_pieces_due_while_the_reader_was_away_come_without_yielding_to_the
     turns = [loop.call_soon(count_turns)]
     turns_at_piece: list[int] = []
     try:
-        async for event in FakeChatModel().stream(ask("[[tokens=20 delay_ms=20]]")):
+        # The first piece at once, then one every 50 ms: a first piece that came late (a busy
+        # machine) cannot take the second with it.
+        script = "[[tokens=20 delay_ms=50 first_delay_ms=0]]"
+        async for event in FakeChatModel().stream(ask(script)):
             if isinstance(event, TextDelta):
                 turns_at_piece.append(loop_turns)
                 if len(turns_at_piece) == 1:
-                    # A busy loop, blocked on purpose: pieces 2-6 fall due meanwhile.
-                    time.sleep(0.1)  # noqa: ASYNC251
+                    # A busy loop, blocked on purpose: pieces 2-6 (50-250 ms) fall due meanwhile.
+                    time.sleep(0.275)  # noqa: ASYNC251
         paced = list(turns_at_piece)
         turns_at_piece.clear()
         async for event in FakeChatModel().stream(ask("[[tokens=5]]")):
