@@ -14,8 +14,9 @@ counted in the text received (each fake piece is one word), since a frame may ca
   delivered tokens/s.
 - paced: 1,000 and 2,000 streams at 50 tokens/s; share of tokens delivered on time, p99 token
   delay (arrival minus the time the generator produced it at its pace), the `token` frames that
-  carried them, and the server's CPU per token; then 1,000 one-token answers: the server's CPU
-  per answer apart from its tokens.
+  carried them, and the server's CPU per token, of which the fake model's own share (measured
+  alone, `bench/fake_model.py`); then 1,000 one-token answers: the server's CPU per answer
+  apart from its tokens.
 - ttft: time from the request to the first token on an open socket (Helpline also commits the
   user message and the answer row first); added over the bare server.
 - memory: server RSS per idle socket with 5,000 open, without and with permessage-deflate, on
@@ -342,6 +343,16 @@ async def paced(target: Target, streams: int, tokens: int = PACED_TOKENS) -> Pac
     )
 
 
+async def fake_model_cost(streams: int) -> str:
+    """`bench/fake_model.py` in a process of its own, on the servers' CPU: its line."""
+    command = ["taskset", "-c", SERVER_CPU, PYTHON, str(ROOT / "bench" / "fake_model.py")]
+    done = await asyncio.to_thread(
+        subprocess.run, [*command, str(streams)], cwd=ROOT, capture_output=True, text=True
+    )
+    done.check_returncode()
+    return done.stdout.strip()
+
+
 async def ttft(target: Target, rounds: int = 200) -> tuple[float, float]:
     samples: list[float] = []
     client = await connect(target.url(0), ignore_frame)
@@ -483,6 +494,9 @@ async def streaming_scenarios(scenarios: list[str], data: Path, database_url: st
                     "us",
                     "lower",
                 )
+            # The stand-in model's own share of the CPU per token above (both servers run it).
+            for streams in (1000, 2000):
+                print("  " + await fake_model_cost(streams))
             # What each answer costs apart from its tokens: 1,000 answers of one token each.
             _, ours_cpu = await cpu_of(ours, paced(ours_target, 1000, tokens=1))
             _, bare_cpu = await cpu_of(bare, paced(bare_target, 1000, tokens=1))
