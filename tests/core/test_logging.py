@@ -64,3 +64,17 @@ def test_lines_of_other_libraries_go_through_the_same_chain_redacted(
     assert "secret-value" not in written
     assert "below the level" not in written
     assert len(enriched_events) == 1
+
+
+@pytest.mark.usefixtures("enriched_events")
+def test_a_broken_log_call_does_not_raise_into_its_caller(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("INFO", fmt="json")
+
+    broken = "GET /chat/ws/1?token=" + "secret-value" + " %s %s"
+    logging.getLogger("uvicorn.error").info(broken, "only one")
+
+    written = capsys.readouterr().err
+    assert "secret-value" not in written
+    assert "only one" in written  # logging's own report of the broken call, redacted

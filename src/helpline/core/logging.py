@@ -52,7 +52,18 @@ class RedactSecretsFilter(logging.Filter):
         # The line as it will be written: a secret may be in the message, in its arguments,
         # or split between them (`"token=%s"`); redacting the message alone would leave a
         # placeholder without its argument, and logging would print that argument instead.
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:
+            # A broken log call (its arguments don't fit its message): logging reports it
+            # with both, so each is redacted as it is. Raising here would break the caller.
+            if isinstance(record.msg, str):
+                record.msg = redact_url(record.msg)
+            if isinstance(record.args, tuple):
+                record.args = tuple(
+                    redact_url(arg) if isinstance(arg, str) else arg for arg in record.args
+                )
+            return True
         redacted = redact_url(message)
         if redacted != message:
             record.msg, record.args = redacted, ()
