@@ -41,8 +41,9 @@ that was not yet due when it last came back, and before every piece when there i
 cancellation lands at once, and a stream never holds the loop for long. Streams wait for their
 pieces on one clock per event loop that wakes, each millisecond something is due, all the
 streams due then (as a network card hands over the packets that came meanwhile): one timer per
-millisecond rather than one per piece, which halves what a paced stream costs its process, so
-that benchmarks with thousands of streams measure the server rather than its stand-in model.
+millisecond rather than one per piece, which cuts what a paced stream costs its process by a
+third (`bench/fake_model.py`), so that benchmarks with thousands of streams measure the server
+rather than its stand-in model.
 Usage is reported as a provider would: prompt tokens estimated from the messages, completion
 tokens = the number of pieces. Unknown directives and bad values are ignored (and logged).
 
