@@ -2,6 +2,7 @@
 
     python bench/realtime.py all            # everything below (about 5 minutes)
     python bench/realtime.py unpaced paced ttft memory slow cluster ratelimit
+    python bench/realtime.py paced ttft --repeat 3   # medians of 3 runs, and each run's figures
 
 Each server runs in its own process pinned to CPU 0, the load generator to CPU 1 (on a machine
 with 2 cores). Helpline runs `helpline serve` with the `fake` provider and `AGENT_ENABLED=false`
@@ -285,6 +286,28 @@ def row(name: str, ours: float, bare: float, unit: str, better: str = "higher") 
     )
 
 
+def runs_row(
+    name: str, ours: list[float], bare: list[float], unit: str, better: str = "higher"
+) -> None:
+    """`row` of the medians of repeated runs, then each run's figures when there are several."""
+    row(name, statistics.median(ours), statistics.median(bare), unit, better)
+    if len(ours) > 1:
+        each = " / ".join(f"{o:,.1f} vs {b:,.1f}" for o, b in zip(ours, bare, strict=True))
+        print(f"    each run, helpline vs bare: {each}")
+
+
+def each(
+    runs: tuple[list[PacedRun], list[PacedRun]], figure: str, scale: float = 1
+) -> tuple[list[float], list[float]]:
+    """One figure of every run, Helpline's and the bare server's."""
+    ours, bare = runs
+    return [getattr(r, figure) * scale for r in ours], [getattr(r, figure) * scale for r in bare]
+
+
+def medians(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return statistics.median(p50 for p50, _ in runs), statistics.median(p99 for _, p99 in runs)
+
+
 # -- scenarios --------------------------------------------------------------------------------
 
 
@@ -453,7 +476,9 @@ async def rate_limit_cost() -> None:
 # -- the run ----------------------------------------------------------------------------------
 
 
-async def streaming_scenarios(scenarios: list[str], data: Path, database_url: str) -> None:
+async def streaming_scenarios(
+    scenarios: list[str], data: Path, database_url: str, repeat: int
+) -> None:
     bare_unpaced: tuple[float, float] | None = None
     bare_ttft: tuple[float, float] | None = None
     with (
@@ -476,16 +501,20 @@ async def streaming_scenarios(scenarios: list[str], data: Path, database_url: st
                     f"paced, {streams} streams at 50 tokens/s (target on time >= "
                     f"{'95' if streams == 1000 else '90'} %, p99 <= 250 ms)"
                 )
-                ours_run, ours_cpu = await cpu_of(ours, paced(ours_target, streams))
-                bare_run, bare_cpu = await cpu_of(bare, paced(bare_target, streams))
-                row(
-                    "tokens delivered on time (%)",
-                    ours_run.on_time * 100,
-                    bare_run.on_time * 100,
-                    "%",
-                )
-                row("p99 token delay", ours_run.p99_delay_ms, bare_run.p99_delay_ms, "ms", "lower")
-                row("token frames sent", ours_run.token_frames, bare_run.token_frames, "", "lower")
+                ours_runs: list[PacedRun] = []
+                bare_runs: list[PacedRun] = []
+                ours_cpu = bare_cpu = 0.0
+                for _ in range(repeat):  # taken in turns, so that both see the same machine
+                    ours_run, cpu = await cpu_of(ours, paced(ours_target, streams))
+                    ours_runs.append(ours_run)
+                    ours_cpu += cpu / repeat
+                    bare_run, cpu = await cpu_of(bare, paced(bare_target, streams))
+                    bare_runs.append(bare_run)
+                    bare_cpu += cpu / repeat
+                runs = (ours_runs, bare_runs)
+                runs_row("tokens delivered on time (%)", *each(runs, "on_time", 100), "%")
+                runs_row("p99 token delay", *each(runs, "p99_delay_ms"), "ms", "lower")
+                runs_row("token frames sent", *each(runs, "token_frames"), "", "lower")
                 to_us = 1e6 / (streams * PACED_TOKENS)
                 row(
                     "server CPU per token, all in",
@@ -506,8 +535,19 @@ async def streaming_scenarios(scenarios: list[str], data: Path, database_url: st
             )
         if "ttft" in scenarios:
             print("time to first token on an open socket (target added <= 2 ms p50, <= 10 ms p99)")
-            bare_ttft = await ttft(bare_target)
-            print_ttft("PostgreSQL", await ttft(ours_target), bare_ttft)
+            bare_ttfts: list[tuple[float, float]] = []
+            ours_ttfts: list[tuple[float, float]] = []
+            for _ in range(repeat):
+                bare_ttfts.append(await ttft(bare_target))
+                ours_ttfts.append(await ttft(ours_target))
+            bare_ttft = medians(bare_ttfts)
+            print_ttft("PostgreSQL", medians(ours_ttfts), bare_ttft)
+            if repeat > 1:
+                added = (
+                    ours_p50 - bare_p50
+                    for (ours_p50, _), (bare_p50, _) in zip(ours_ttfts, bare_ttfts, strict=True)
+                )
+                print(f"  added p50, each run: {' / '.join(f'{ms:.2f}' for ms in added)} ms")
         if "slow" in scenarios:
             print("slow consumer: 10 sockets on one conversation, 5,000 tokens of 1,000 chars")
             # Fresh conversations: an earlier answer of 5 MB would be in the next one's history.
@@ -557,7 +597,7 @@ async def support_agent(
             print_ttft("agent", await ttft(target), bare_ttft)
 
 
-async def run(scenarios: list[str]) -> None:
+async def run(scenarios: list[str], repeat: int) -> None:
     pin_client()
     data = Path(tempfile.mkdtemp(prefix="helpline-bench-"))
     print(
@@ -568,7 +608,7 @@ async def run(scenarios: list[str]) -> None:
         # PostgreSQL: a thousand answers starting within a second are more concurrent writers
         # than the embedded SQLite default is meant for.
         async with postgres_database() as database_url:
-            await streaming_scenarios(scenarios, data, database_url)
+            await streaming_scenarios(scenarios, data, database_url, repeat)
     if "memory" in scenarios:
         await memory()
     if "cluster" in scenarios:
@@ -725,9 +765,17 @@ def main() -> None:
     )
     choices = ["unpaced", "paced", "ttft", "memory", "slow", "cluster", "ratelimit"]
     parser.add_argument("scenarios", nargs="*", default=["all"], choices=[*choices, "all"])
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run paced and ttft (PostgreSQL) N times, in turns with the bare server: medians, "
+        "then each run's figures",
+    )
     args = parser.parse_args()
     scenarios = choices if "all" in args.scenarios else args.scenarios
-    asyncio.run(run(scenarios))
+    asyncio.run(run(scenarios, max(1, args.repeat)))
 
 
 if __name__ == "__main__":
