@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from helpline.conversations import repository
 from helpline.conversations.models import Conversation, Message, MessageRole, MessageStatus
-from helpline.kit.models import new_row
+from helpline.kit.models import new_row, row_values
 from tests.factories import create_user
 
 
@@ -44,6 +44,17 @@ def test_a_new_row_is_a_plain_detached_object_that_can_be_changed() -> None:
     assert inspect(message).transient
     message.prompt_tokens = 12
     assert message.prompt_tokens == 12
+
+
+def test_row_values_are_every_column_in_table_order_as_changed_since() -> None:
+    message = new_row(Message, conversation_id=uuid.uuid4(), role=MessageRole.USER, content="a")
+    message.prompt_tokens = 12
+
+    values = row_values(message)
+
+    assert list(values) == [column.key for column in Message.__table__.columns]
+    assert values == {key: getattr(message, key) for key in values}
+    assert values["prompt_tokens"] == 12
 
 
 def test_a_value_for_something_that_is_not_a_column_is_refused() -> None:

@@ -53,6 +53,7 @@ from helpline.core.database import (
     SqliteWork,
     in_sqlite_transaction,
 )
+from helpline.kit.models import row_values
 from helpline.kit.pagination import paginate, split_page
 
 # The statements a send and an answer's result run (on the way to every first token) are built
@@ -325,11 +326,7 @@ _INSERT_MESSAGE = insert(_messages)
 
 async def insert_messages(session: AsyncSession, messages: Sequence[Message]) -> None:
     """Insert messages built whole (`new_row`) in one statement; they stay detached, as built."""
-    columns = [column.key for column in _messages.columns]
-    await session.execute(
-        _INSERT_MESSAGE,
-        [{key: getattr(message, key) for key in columns} for message in messages],
-    )
+    await session.execute(_INSERT_MESSAGE, [row_values(message) for message in messages])
 
 
 _CLAIMED_PART = 3  # beside `_RECENT_PART`, as in `_SEND_CONTEXT`
@@ -501,7 +498,7 @@ async def send_at_once(
         "touch": question.created_at,
         "recent_limit": recent_limit,
     }
-    rows = [{c.key: getattr(row, c.key) for c in _messages.columns} for row in (question, answer)]
+    rows = [row_values(question), row_values(answer)]
     if connection.dialect.name == "postgresql":
         params = {
             **claim,

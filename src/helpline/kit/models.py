@@ -85,6 +85,16 @@ def new_row(model: type[ModelT], /, **values: Any) -> ModelT:
     return row
 
 
+def row_values(row: Base) -> dict[str, Any]:
+    """The column values of a row built by `new_row`, for a Core `INSERT`.
+
+    Read from the instance's dict, where `new_row` put them: reading them as attributes costs
+    the ORM's instrumentation once per column.
+    """
+    values = row.__dict__
+    return {key: values[key] for key in _row_recipe(type(row))[1]}
+
+
 @functools.cache
 def _row_recipe(model: type[Base]) -> tuple[Callable[[], Any], dict[str, Any]]:
     """How `new_row` builds a `model`: its instance factory, and each column's default (a value,
