@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
+import weakref
 
 import pytest
 
@@ -199,6 +201,18 @@ async def test_a_cancelled_wait_leaves_the_others_of_its_tick_to_wake() -> None:
 
     assert cancelled.cancelled()
     assert all(other.done() and not other.cancelled() for other in others)
+
+
+def test_a_closed_loop_is_not_kept_alive_by_its_clock() -> None:
+    loop = asyncio.new_event_loop()
+    texts, _ = loop.run_until_complete(run(FakeChatModel(), "[[tokens=3 delay_ms=2]]"))
+    loop.close()
+    collected = weakref.ref(loop)
+    del loop
+    gc.collect()
+
+    assert len(texts) == 3
+    assert collected() is None
 
 
 async def test_many_paced_streams_keep_their_schedule_on_the_shared_clock() -> None:

@@ -179,21 +179,22 @@ class PieceClock:
     """Wakes the streams of one event loop at their pieces' due times, a timer per tick.
 
     Each wait has its own future (cancelling one waiter leaves the others be); the streams due
-    within the same tick share one timer, set when the first of them asks.
+    within the same tick share one timer, set when the first of them asks. It holds no
+    reference to its loop: `_clocks` keeps a clock only as long as its loop lives.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self) -> None:
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
 
     def wait_until(self, when: float) -> asyncio.Future[None]:
-        """A future done at the first tick at or after `when` (the loop's clock)."""
+        """A future done at the first tick at or after `when` (the running loop's clock)."""
+        loop = asyncio.get_running_loop()
         tick = math.ceil(when / CLOCK_TICK_S)
-        waiter: asyncio.Future[None] = self.loop.create_future()
+        waiter: asyncio.Future[None] = loop.create_future()
         waiters = self._waiters.get(tick)
         if waiters is None:
             self._waiters[tick] = [waiter]
-            self.loop.call_at(tick * CLOCK_TICK_S, self._wake, tick)
+            loop.call_at(tick * CLOCK_TICK_S, self._wake, tick)
         else:
             waiters.append(waiter)
         return waiter
@@ -214,7 +215,7 @@ def piece_clock() -> PieceClock:
     loop = asyncio.get_running_loop()
     clock = _clocks.get(loop)
     if clock is None:
-        clock = _clocks[loop] = PieceClock(loop)
+        clock = _clocks[loop] = PieceClock()
     return clock
 
 
@@ -299,7 +300,7 @@ class FakeChatModel:
                 )
                 return
             clock = piece_clock()
-            loop = clock.loop
+            loop = asyncio.get_running_loop()
             due = returned_at = loop.time()  # returned_at: when the stream last had the loop back
             for index, piece in enumerate(pieces):
                 if index == script.fail_after:
