@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -609,6 +610,16 @@ async def test_a_model_failure_mid_stream_sends_failed_and_keeps_the_partial_tex
     assert stored["content"] == "one two three"
 
 
+@contextlib.asynccontextmanager
+async def every_connection_taken(live_server: LiveServer, live_app: FastAPI) -> AsyncIterator[None]:
+    """The server's database pool, emptied for the block (in the server's own event loop)."""
+    taken = await live_server.run_in_server(take_every_connection(live_app.state.engine))
+    try:
+        yield
+    finally:
+        await live_server.run_in_server(taken.aclose())
+
+
 @with_settings(database_pool_timeout_s=0.2)
 async def test_a_chat_when_no_database_connection_comes_free_gets_an_error_to_retry(
     live_server: LiveServer, live_app: FastAPI, http: httpx.AsyncClient, person: PartyFactory
@@ -616,12 +627,9 @@ async def test_a_chat_when_no_database_connection_comes_free_gets_an_error_to_re
     alice = await person()
     conversation_id = await new_conversation(http, alice)
     async with open_socket(live_server.ws_url, conversation_id, alice.token) as socket:
-        taken = await live_server.run_in_server(take_every_connection(live_app.state.engine))
-        try:
+        async with every_connection_taken(live_server, live_app):
             await socket.chat('[[reply="Here."]] q', "q-1")
             error = await socket.recv_type("error")
-        finally:
-            await live_server.run_in_server(taken.aclose())
         assert error["code"] == "SERVICE_UNAVAILABLE"
         assert error["reply_to"] == "q-1"
         # The socket stays open, and the client's retry is answered.
@@ -641,12 +649,11 @@ async def test_a_handshake_when_no_database_connection_comes_free_is_closed_to_r
     conversation_id = await new_conversation(http, alice)
     async with open_socket(live_server.ws_url, conversation_id, alice.token) as socket:
         await socket.ping()  # the login's revocation is known now: only the lookups remain
-    taken = await live_server.run_in_server(take_every_connection(live_app.state.engine))
-    try:
-        async with open_socket(live_server.ws_url, conversation_id, alice.token) as socket:
-            refused = await socket.closed()
-    finally:
-        await live_server.run_in_server(taken.aclose())
+    async with (
+        every_connection_taken(live_server, live_app),
+        open_socket(live_server.ws_url, conversation_id, alice.token) as socket,
+    ):
+        refused = await socket.closed()
     assert refused == (1013, "Try again later")
     async with open_socket(live_server.ws_url, conversation_id, alice.token) as socket:
         await socket.ping()
