@@ -398,6 +398,43 @@ async def test_an_answer_starts_with_the_prompt_estimate_of_the_history_it_gets(
     await stop(sessionmaker, engine, sent)
 
 
+async def test_a_burst_of_sends_to_many_conversations_gives_each_answer_its_own_history(
+    sessionmaker: async_sessionmaker[AsyncSession],
+    session: AsyncSession,
+    engine: GenerationEngine,
+    model: FakeChatModel,
+) -> None:
+    """Sends at once to many conversations (on PostgreSQL they go to the database in batches,
+    `BatchedStatement`): each is stored, and each answer gets its own conversation's history."""
+    owner = await create_user(session)
+    conversations = [await new_conversation(sessionmaker, owner) for _ in range(12)]
+    for number, conversation in enumerate(conversations):
+        await post(
+            sessionmaker, engine, owner, conversation.id, f'[[reply="A{number}."]] q{number}'
+        )
+    for conversation in conversations:
+        await eventually(lambda c=conversation: finished(sessionmaker, c.id))
+
+    sends = await asyncio.gather(
+        *(
+            post(sessionmaker, engine, owner, conversation.id, f'[[reply="B{number}."]] again')
+            for number, conversation in enumerate(conversations)
+        )
+    )
+    assert all(sent.created for sent in sends)
+    for conversation in conversations:
+        await eventually(lambda c=conversation: finished(sessionmaker, c.id))
+    histories = {
+        messages[-1].content: [m.content for m in messages[1:-1] if m.role != "system"]
+        for messages in list(model.requests)[-len(conversations) :]
+    }
+    for number, conversation in enumerate(conversations):
+        question = f'[[reply="B{number}."]] again'
+        assert histories[question] == [f'[[reply="A{number}."]] q{number}', f"A{number}."]
+        stored = [m.content for m in await messages_of(sessionmaker, conversation.id)]
+        assert stored[2:] == [question, f"B{number}."]
+
+
 @contextlib.asynccontextmanager
 async def statements_run(database: AsyncEngine) -> AsyncIterator[list[str]]:
     """The statements this task sends `database` meanwhile (not the app's background tasks'):

@@ -15,12 +15,27 @@ from typing import Any
 import asyncpg
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import Column, MetaData, String, Table, Uuid, func, insert, select, text
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Identity,
+    MetaData,
+    String,
+    Table,
+    Uuid,
+    bindparam,
+    func,
+    insert,
+    select,
+    text,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from helpline.auth.models import User, UserRole
 from helpline.core.database import (
+    BatchedStatement,
     DatabaseUnavailable,
     DriverConnection,
     DriverStatement,
@@ -311,3 +326,144 @@ async def test_a_sqlite_transaction_runs_driver_statements_and_rolls_back_what_f
             await in_sqlite_transaction(connection, add_then_repeat)
         rows = await in_sqlite_transaction(connection, add_then_read)
     assert_the_agents_read_back(rows, seen)
+
+
+# A batched statement's probes: a table of its own per test (batches run on any connection).
+@asynccontextmanager
+async def batch_probes(
+    database_url: str, tmp_path: Path, pool_size: int
+) -> AsyncIterator[tuple[AsyncEngine, BatchedStatement, Table]]:
+    """An engine whose pool runs one batch at a time (`pool_size` < 8), and a statement that
+    adds a probe and returns it, with the transaction it ran in and its insertion rank."""
+    probes = Table(
+        f"batch_probes_{uuid.uuid4().hex[:8]}",
+        MetaData(),
+        Column("id", Uuid, primary_key=True),
+        Column("name", String(32), unique=True),
+        # Insertion order (PostgreSQL: SQLite numbers only its primary key).
+        Column("rank", BigInteger, Identity() if "postgresql" in database_url else None),
+    )
+    add = BatchedStatement(
+        insert(probes)
+        .values(id=bindparam("id"), name=bindparam("name"))
+        .returning(
+            probes.c.id.label("batch_key"),
+            probes.c.name,
+            probes.c.rank,
+            # SQLite has no transaction ids; a value of each call's own stands in for one.
+            (func.txid_current() if "postgresql" in database_url else func.random()).label("txid"),
+        ),
+        key="id",
+        lock_order="name",
+    )
+    settings = make_settings(database_url, tmp_path, database_pool_size=pool_size)
+    engine = create_engine(settings)
+    try:
+        async with engine.begin() as connection:
+            await connection.run_sync(probes.metadata.create_all)
+        yield engine, add, probes
+    finally:
+        async with engine.begin() as connection:
+            await connection.run_sync(probes.metadata.drop_all)
+        await engine.dispose()
+
+
+async def stored_names(engine: AsyncEngine, probes: Table) -> set[str]:
+    async with engine.connect() as connection:
+        return set((await connection.execute(select(probes.c.name))).scalars())
+
+
+async def test_calls_of_a_batched_statement_queued_together_share_a_round_trip(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Each call gets its own rows; on PostgreSQL the calls that queued while a batch ran go
+    in one transaction, in lock order. On SQLite each runs by itself."""
+    async with batch_probes(database_url, tmp_path, pool_size=2) as (engine, add, probes):
+        calls = [{"id": uuid.uuid4(), "name": f"probe-{19 - index:02d}"} for index in range(20)]
+        results = await asyncio.gather(*(add.fetch(engine, call) for call in calls))
+        for call, rows in zip(calls, results, strict=True):
+            assert [(row.batch_key, row.name) for row in rows] == [(call["id"], call["name"])]
+        assert await stored_names(engine, probes) == {call["name"] for call in calls}
+        transactions: dict[int, list[Any]] = {}
+        for rows in results:
+            transactions.setdefault(rows[0].txid, []).append(rows[0])
+        if engine.dialect.name == "postgresql":
+            assert len(transactions) < len(calls)
+            for batch in transactions.values():  # each batch inserted in name order
+                ranked = sorted(batch, key=lambda row: row.rank)
+                assert [row.name for row in ranked] == sorted(row.name for row in batch)
+        else:
+            assert len(transactions) == len(calls)
+
+
+async def test_a_batch_with_a_conflicting_call_still_stores_the_others(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """One call breaking a constraint rolls its batch back; the batch's calls are then run one
+    by one: the others are stored, the conflicting one gets its `IntegrityError`."""
+    async with batch_probes(postgres_url, tmp_path, pool_size=1) as (engine, add, probes):
+        await add.fetch(engine, {"id": uuid.uuid4(), "name": "taken"})
+        names = ["a", "taken", "b", "c"]
+        async with driver_connection(engine):  # the only connection: the calls queue up
+            pending = [
+                asyncio.create_task(add.fetch(engine, {"id": uuid.uuid4(), "name": name}))
+                for name in names
+            ]
+            await asyncio.sleep(0.05)
+        outcomes = await asyncio.gather(*pending, return_exceptions=True)
+        assert isinstance(outcomes[1], IntegrityError)
+        assert all(isinstance(outcomes[i], list) for i in (0, 2, 3))
+        assert await stored_names(engine, probes) == {"a", "b", "c", "taken"}
+
+
+async def test_a_cancelled_caller_leaves_its_batch_to_finish_and_its_queued_call_unrun(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A caller cancelled while its batch (with others' calls) runs does not stop it: the
+    others get their rows. One cancelled while its call still waits for a batch: never run."""
+    async with batch_probes(postgres_url, tmp_path, pool_size=1) as (engine, add, probes):
+        async with driver_connection(engine):  # the only connection: the calls queue up
+            runner = asyncio.create_task(add.fetch(engine, {"id": uuid.uuid4(), "name": "r"}))
+            await asyncio.sleep(0.01)  # it runs the next batch: it waits for the connection
+            others = [
+                asyncio.create_task(add.fetch(engine, {"id": uuid.uuid4(), "name": name}))
+                for name in ("x", "y")
+            ]
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # the batch of the three is on its way
+        runner.cancel()
+        finished = await asyncio.wait_for(asyncio.gather(*others), 5)
+        assert all(len(rows) == 1 for rows in finished)
+        with pytest.raises(asyncio.CancelledError):
+            await runner
+
+        async with driver_connection(engine):
+            first = asyncio.create_task(add.fetch(engine, {"id": uuid.uuid4(), "name": "f"}))
+            await asyncio.sleep(0.01)
+            dropped = asyncio.create_task(add.fetch(engine, {"id": uuid.uuid4(), "name": "d"}))
+            await asyncio.sleep(0.01)
+            dropped.cancel()
+            await asyncio.sleep(0)
+        await first
+        assert dropped.cancelled()
+        assert await stored_names(engine, probes) == {"r", "x", "y", "f"}
+
+
+async def test_calls_queued_for_a_batch_fail_alike_when_no_connection_comes(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        postgres_url, tmp_path, database_pool_size=1, database_pool_timeout_s=0.2
+    )
+    async with batch_probes(postgres_url, tmp_path, pool_size=1) as (_, add, probes):
+        engine = create_engine(settings)
+        try:
+            async with driver_connection(engine):  # held past the pool's timeout
+                outcomes = await asyncio.gather(
+                    *(add.fetch(engine, {"id": uuid.uuid4(), "name": n}) for n in "abc"),
+                    return_exceptions=True,
+                )
+            assert all(isinstance(outcome, PoolTimeout) for outcome in outcomes)
+            assert await stored_names(engine, probes) == set()
+        finally:
+            await engine.dispose()

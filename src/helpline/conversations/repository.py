@@ -35,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from helpline.agents.tokens import TOKENS_PER_MESSAGE
 from helpline.conversations.models import (
@@ -47,10 +47,12 @@ from helpline.conversations.models import (
     TokenUsage,
 )
 from helpline.core.database import (
+    BatchedStatement,
     DriverConnection,
     DriverRow,
     DriverStatement,
     SqliteWork,
+    driver_connection,
     in_sqlite_transaction,
 )
 from helpline.kit.models import row_values
@@ -432,9 +434,11 @@ def _send_at_once_statement() -> Any:
     answer_prompt = (
         select(inserted.c.prompt_tokens).where(inserted.c.id == answer_id).scalar_subquery()
     )
-    # The conversation's row (its summary once, not on each message's row), then the messages.
+    # The conversation's row (its summary once, not on each message's row), then the messages,
+    # each row with the answer's id: a batch of sends (`BatchedStatement`) shares them out by it.
     return union_all(
         select(
+            answer_id.label("batch_key"),
             literal_column(str(_CLAIMED_PART)).label("part"),
             claimed.c.summary,
             claimed.c.summary_until,
@@ -442,6 +446,7 @@ def _send_at_once_statement() -> Any:
             *(cast(null(), c.type).label(c.name) for c in recent.c),
         ),
         select(
+            answer_id,
             literal_column(str(_RECENT_PART)).label("part"),
             cast(null(), _conversations.c.summary.type),
             cast(null(), _conversations.c.summary_until.type),
@@ -451,7 +456,11 @@ def _send_at_once_statement() -> Any:
     )
 
 
-_SEND_AT_ONCE = DriverStatement(_send_at_once_statement())
+# Sends to different conversations batch together; by conversation, so that two batches lock
+# conversations in the same order.
+_SEND_AT_ONCE = BatchedStatement(
+    _send_at_once_statement(), key="answer_id", lock_order="conversation_id"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,7 +479,7 @@ _INSERT_MESSAGE_ROW = DriverStatement(_INSERT_MESSAGE)
 
 
 async def send_at_once(
-    connection: DriverConnection,
+    database: AsyncEngine,
     *,
     conversation_id: uuid.UUID,
     author_id: uuid.UUID,
@@ -482,8 +491,8 @@ async def send_at_once(
     history_prompt_tokens: Callable[[Sequence[HistoryMessage], datetime | None], int],
 ) -> SentAtOnce | None:
     """The common send in one round trip, which commits by itself: on PostgreSQL one statement
-    (`_send_at_once_statement`), on SQLite one transaction (the claim, the history, the two
-    rows) in one trip to the connection's thread.
+    (`_send_at_once_statement`, batched with the sends queued at the same time), on SQLite one
+    transaction (the claim, the history, the two rows) in one trip to the connection's thread.
 
     The answer row's prompt estimate is `answer_prompt_base` (the question's part) plus
     `history_prompt_tokens(recent, summary_until)`, the part of the history the answer gets
@@ -499,7 +508,7 @@ async def send_at_once(
         "recent_limit": recent_limit,
     }
     rows = [row_values(question), row_values(answer)]
-    if connection.dialect.name == "postgresql":
+    if database.dialect.name == "postgresql":
         params = {
             **claim,
             "answer_prompt_base": answer_prompt_base,
@@ -507,7 +516,7 @@ async def send_at_once(
             # asyncpg's own UUIDs, in ids read from the database, as text.
             "rows": orjson.dumps(rows, default=str).decode(),
         }
-        found = await _SEND_AT_ONCE.fetch(connection, params)
+        found = await _SEND_AT_ONCE.fetch(database, params)
         claimed = next((row for row in found if row.part == _CLAIMED_PART), None)
         if claimed is None:
             return None
@@ -530,7 +539,8 @@ async def send_at_once(
             work.fetch(_INSERT_MESSAGE_ROW, row)
         return SentAtOnce(summary, summary_until, recent, prompt_tokens)
 
-    return await in_sqlite_transaction(connection, send)
+    async with driver_connection(database) as connection:
+        return await in_sqlite_transaction(connection, send)
 
 
 def _oldest_first(rows: Iterable[Any]) -> list[HistoryMessage]:

@@ -503,34 +503,31 @@ async def _send_at_once(
     )
     answer = _new_answer(model=engine.answerer.model, question=question, prompt_tokens=None)
     try:
-        async with driver_connection(database) as connection:
-            sent = await repository.send_at_once(
-                connection,
-                conversation_id=conversation_id,
-                author_id=author.id,
-                client_message_id=client_message_id,
-                question=question,
-                answer=answer,
-                recent_limit=HISTORY_MESSAGES,
-                answer_prompt_base=_question_prompt_tokens(question),
-                history_prompt_tokens=_history_prompt_tokens,
-            )
-            if sent is None:
-                return None
-            # Started before the connection goes back to the pool: committed, the answer is
-            # not left waiting for that.
-            answer.prompt_tokens = sent.answer_prompt_tokens
-            job = _answer_job(
-                user_id=author.id,
-                summary=sent.summary,
-                question=question,
-                answer=answer,
-                history=_history_since(sent.recent, sent.summary_until),
-            )
-            await engine.publish(message_frame(conversation_id, message_json(question)))
-            engine.launch(job)
+        sent = await repository.send_at_once(
+            database,
+            conversation_id=conversation_id,
+            author_id=author.id,
+            client_message_id=client_message_id,
+            question=question,
+            answer=answer,
+            recent_limit=HISTORY_MESSAGES,
+            answer_prompt_base=_question_prompt_tokens(question),
+            history_prompt_tokens=_history_prompt_tokens,
+        )
     except IntegrityError:
         return None
+    if sent is None:
+        return None
+    answer.prompt_tokens = sent.answer_prompt_tokens
+    job = _answer_job(
+        user_id=author.id,
+        summary=sent.summary,
+        question=question,
+        answer=answer,
+        history=_history_since(sent.recent, sent.summary_until),
+    )
+    await engine.publish(message_frame(conversation_id, message_json(question)))
+    engine.launch(job)
     return SendResult(user_message=question, assistant_message=answer, created=True)
 
 

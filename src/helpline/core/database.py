@@ -9,13 +9,14 @@ with `on_commit(session, callback)`; hooks are dropped on rollback.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 import weakref
 from collections import namedtuple
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar, cast
 
 import asyncpg
@@ -336,6 +337,10 @@ class DriverConnection:
         """Close it for good: the pool replaces it (after a lost connection)."""
         await greenlet_spawn(self.pooled.invalidate, exc)
 
+    async def check_in(self) -> None:
+        """Back to the pool (its reset on return applies)."""
+        await greenlet_spawn(self.pooled.close)
+
 
 @asynccontextmanager
 async def driver_connection(database: AsyncEngine) -> AsyncIterator[DriverConnection]:
@@ -343,6 +348,14 @@ async def driver_connection(database: AsyncEngine) -> AsyncIterator[DriverConnec
 
     A pool that stays exhausted raises `sqlalchemy.exc.TimeoutError` as ever; a driver error
     at connect comes as SQLAlchemy's, as `engine.connect()` would raise it."""
+    connection = await _check_out(database)
+    try:
+        yield connection
+    finally:
+        await connection.check_in()
+
+
+async def _check_out(database: AsyncEngine) -> DriverConnection:
     engine = database.sync_engine
     dbapi_error = engine.dialect.loaded_dbapi.Error
     try:
@@ -356,10 +369,7 @@ async def driver_connection(database: AsyncEngine) -> AsyncIterator[DriverConnec
             connection_invalidated=engine.dialect.is_disconnect(exc, None, None),
             dialect=engine.dialect,
         ) from exc
-    try:
-        yield DriverConnection(engine, pooled)
-    finally:
-        await greenlet_spawn(pooled.close)
+    return DriverConnection(engine, pooled)
 
 
 class DriverStatement:
@@ -399,17 +409,218 @@ class DriverStatement:
                 connection, lambda work: work.fetch(self, params), operation=operation
             )
         args = compiled.args(params)
-        try:
+        async with _as_sqlalchemy_errors(connection, compiled.sql, args):
             with _driver_span(connection, operation, lambda: compiled.sql):
                 records = await connection.driver.fetch(compiled.sql, *args)
-        except asyncpg.IntegrityConstraintViolationError as exc:
-            raise IntegrityError(compiled.sql, args, exc) from exc
-        except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
-            await connection.invalidate(exc)
-            raise DBAPIError(compiled.sql, args, exc, connection_invalidated=True) from exc
-        except asyncpg.PostgresError as exc:
-            raise DBAPIError(compiled.sql, args, exc) from exc
         return compiled.rows(record.values() for record in records)
+
+
+@asynccontextmanager
+async def _as_sqlalchemy_errors(
+    connection: DriverConnection, sql: str, args: Any
+) -> AsyncIterator[None]:
+    """asyncpg's errors as SQLAlchemy raises them: a constraint's as `IntegrityError`, a lost
+    connection as a `DBAPIError` that invalidated it (the pool then replaces it)."""
+    try:
+        yield
+    except asyncpg.IntegrityConstraintViolationError as exc:
+        raise IntegrityError(sql, args, exc) from exc
+    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
+        await connection.invalidate(exc)
+        raise DBAPIError(sql, args, exc, connection_invalidated=True) from exc
+    except asyncpg.PostgresError as exc:
+        raise DBAPIError(sql, args, exc) from exc
+
+
+# A batched statement runs at most this share of the pool's connections at once: a burst of it
+# leaves the rest of the pool to everything else.
+BATCHES_PER_POOL_SHARE = 4
+MAX_BATCH_CALLS = 100
+
+
+@dataclass(eq=False, slots=True)
+class _BatchCall:
+    params: Mapping[str, Any]
+    future: asyncio.Future[list[DriverRow]]
+
+
+@dataclass(eq=False, slots=True)
+class _BatchQueue:
+    """One engine's calls of a `BatchedStatement` waiting for a batch, and its batches."""
+
+    calls: list[_BatchCall] = field(default_factory=list)
+    running: int = 0
+    helpers: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+class BatchedStatement:
+    """A `DriverStatement` that runs on PostgreSQL for all the callers queued at once, in one
+    round trip.
+
+    A busy event loop keeps a pooled connection out for a turn or two of the loop (tens of
+    milliseconds), not for the round trip's millisecond: a burst of calls, each with its own
+    connection, then queues for the pool (2,000 sends within a second waited up to 2 s for 40
+    connections: `bench/realtime.py paced`). Here a call that finds the statement's share of
+    the pool busy joins the next batch: one connection and one pipelined round trip (asyncpg's
+    `fetchmany`) for every call queued by then, in one transaction. A call alone runs as a
+    `DriverStatement` would.
+
+    The statement's rows carry a column `batch_key` holding the parameter `key`, unique per
+    call: that is how a batch's rows go back to their calls. A batch runs its calls in order
+    of the parameter `lock_order`, so that two batches take their row locks in the same order
+    and never deadlock. A batch that fails on the database's side (a call conflicted with a
+    write outside it: the whole batch is rolled back) runs its calls again one by one, each to
+    its own outcome. On SQLite every call runs by itself.
+    """
+
+    def __init__(
+        self,
+        statement: Any,
+        *,
+        key: str,
+        lock_order: str,
+        max_calls: int = MAX_BATCH_CALLS,
+    ) -> None:
+        self.statement = DriverStatement(statement)
+        self.key = key
+        self.lock_order = lock_order
+        self.max_calls = max_calls
+        self._queues: weakref.WeakKeyDictionary[Engine, _BatchQueue] = weakref.WeakKeyDictionary()
+
+    async def fetch(self, database: AsyncEngine, params: Mapping[str, Any]) -> list[DriverRow]:
+        """The call's rows, committed (with its batch) when this returns."""
+        engine = database.sync_engine
+        if engine.dialect.name != "postgresql":
+            async with driver_connection(database) as connection:
+                return await self.statement.fetch(connection, params)
+        queue = self._queues.get(engine)
+        if queue is None:
+            queue = self._queues[engine] = _BatchQueue()
+        call = _BatchCall(params, asyncio.get_running_loop().create_future())
+        queue.calls.append(call)
+        try:
+            if queue.running < self._most_running(engine):
+                queue.running += 1
+                try:
+                    await self._run_batches(database, queue, until=call)
+                finally:
+                    queue.running -= 1
+                    self._hand_over(database, queue)
+            return await call.future
+        except asyncio.CancelledError:
+            if call in queue.calls:  # not in a batch yet: it never runs
+                queue.calls.remove(call)
+            raise
+
+    @staticmethod
+    def _most_running(engine: Engine) -> int:
+        size = getattr(engine.pool, "size", None)
+        return max(1, size() // BATCHES_PER_POOL_SHARE) if callable(size) else 1
+
+    async def _run_batches(
+        self, database: AsyncEngine, queue: _BatchQueue, *, until: _BatchCall | None
+    ) -> None:
+        """Run batches of the queued calls until `until` has its outcome (None: until none
+        is queued). A call of another caller's batch gets its outcome however this one ends."""
+        while queue.calls and (until is None or not until.future.done()):
+            try:
+                connection = await _check_out(database)
+            except Exception as exc:
+                # No connection (the pool's timeout, the database away): the calls queued
+                # meanwhile would fare no better.
+                batch, queue.calls = queue.calls, []
+                _settle(batch, exc)
+                return
+            batch = queue.calls[: self.max_calls]
+            del queue.calls[: self.max_calls]
+            if batch == [until]:
+                # Alone: run as any statement is, stopped if its caller is.
+                try:
+                    await self._run(connection, batch)
+                finally:
+                    await connection.check_in()
+            else:
+                # Others' calls: the batch finishes (and the connection goes back) even if
+                # this caller is cancelled meanwhile.
+                task = asyncio.get_running_loop().create_task(
+                    self._run_and_check_in(connection, batch), name="batched-statement"
+                )
+                queue.helpers.add(task)
+                task.add_done_callback(queue.helpers.discard)
+                await asyncio.shield(task)
+
+    async def _run_and_check_in(
+        self, connection: DriverConnection, batch: list[_BatchCall]
+    ) -> None:
+        try:
+            await self._run(connection, batch)
+        except BaseException as exc:
+            _settle(batch, exc if isinstance(exc, Exception) else ConnectionAbortedError())
+            raise
+        finally:
+            await connection.check_in()
+
+    async def _run(self, connection: DriverConnection, batch: list[_BatchCall]) -> None:
+        if len(batch) == 1:
+            await self._run_one_by_one(connection, batch)
+            return
+        compiled = self.statement.compiled(connection.dialect)
+        batch.sort(key=lambda call: str(call.params[self.lock_order]))
+        args = [compiled.args(call.params) for call in batch]
+        operation = compiled.sql.split(None, 1)[0]
+        try:
+            async with _as_sqlalchemy_errors(connection, compiled.sql, args):
+                with _driver_span(connection, operation, lambda: compiled.sql):
+                    records = await connection.driver.fetchmany(compiled.sql, args)
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                _settle(batch, exc)
+            else:  # rolled back as a whole: each call to its own outcome
+                await self._run_one_by_one(connection, batch)
+            return
+        found: dict[str, list[DriverRow]] = {str(call.params[self.key]): [] for call in batch}
+        for row in compiled.rows(record.values() for record in records):
+            found[str(row.batch_key)].append(row)
+        for call in batch:
+            if not call.future.done():
+                call.future.set_result(found[str(call.params[self.key])])
+
+    async def _run_one_by_one(self, connection: DriverConnection, batch: list[_BatchCall]) -> None:
+        for index, call in enumerate(batch):
+            try:
+                rows = await self.statement.fetch(connection, call.params)
+            except Exception as exc:
+                _settle([call], exc)
+                if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+                    _settle(batch[index:], exc)
+                    return
+            else:
+                if not call.future.done():
+                    call.future.set_result(rows)
+
+    def _hand_over(self, database: AsyncEngine, queue: _BatchQueue) -> None:
+        """Calls left queued by callers that stopped running batches get a runner of their own."""
+        if not queue.calls or queue.running >= self._most_running(database.sync_engine):
+            return
+        queue.running += 1
+
+        async def drain() -> None:
+            try:
+                await self._run_batches(database, queue, until=None)
+            finally:
+                queue.running -= 1
+                self._hand_over(database, queue)
+
+        task = asyncio.get_running_loop().create_task(drain(), name="batched-statement")
+        queue.helpers.add(task)
+        task.add_done_callback(queue.helpers.discard)
+
+
+def _settle(calls: Iterable[_BatchCall], exc: BaseException) -> None:
+    """Fail the calls that have no outcome yet."""
+    for call in calls:
+        if not call.future.done():
+            call.future.set_exception(exc)
 
 
 class SqliteWork:
