@@ -263,6 +263,27 @@ async def test_a_burst_of_work_leaves_its_connections_in_the_pool(
         await engine.dispose()
 
 
+async def test_after_a_burst_work_one_at_a_time_keeps_to_one_connection(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """The pool lends the connection used last: taken in turn, each of a burst's connections
+    would sit idle long enough to need its check before use."""
+    settings = make_settings(postgres_url, tmp_path, database_pool_size=4)
+    engine = create_engine(settings)
+    all_out = asyncio.Barrier(4)
+
+    async def hold_a_connection() -> None:
+        async with driver_connection(engine):
+            await all_out.wait()
+
+    try:
+        await asyncio.gather(*(hold_a_connection() for _ in range(4)))
+        one_at_a_time = {await backend_pid(engine, "driver") for _ in range(6)}
+        assert len(one_at_a_time) == 1
+    finally:
+        await engine.dispose()
+
+
 async def test_a_sqlite_connection_is_rolled_back_on_its_return_only_when_it_began_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -82,6 +82,10 @@ def create_engine(
         kwargs.update(
             pool_size=settings.database_pool_size,
             max_overflow=settings.database_max_overflow,
+            # The connection used last goes out first: after a burst, steady work keeps using
+            # the same few, and they never sit idle long enough to need the check before use
+            # (`_ping_idle_connections`); taken in turn, every one of them would.
+            pool_use_lifo=True,
             connect_args={"timeout": settings.database_pool_timeout_s},
         )
     engine = create_async_engine(url, **kwargs)
@@ -448,6 +452,7 @@ class _BatchCall:
 class _BatchQueue:
     """One engine's calls of a `BatchedStatement` waiting for a batch, and its batches."""
 
+    most_running: int  # batches at once
     calls: list[_BatchCall] = field(default_factory=list)
     running: int = 0
     helpers: set[asyncio.Task[None]] = field(default_factory=set)
@@ -495,11 +500,13 @@ class BatchedStatement:
                 return await self.statement.fetch(connection, params)
         queue = self._queues.get(engine)
         if queue is None:
-            queue = self._queues[engine] = _BatchQueue()
+            size = getattr(engine.pool, "size", None)
+            most = max(1, size() // BATCHES_PER_POOL_SHARE) if callable(size) else 1
+            queue = self._queues[engine] = _BatchQueue(most)
         call = _BatchCall(params, asyncio.get_running_loop().create_future())
         queue.calls.append(call)
         try:
-            if queue.running < self._most_running(engine):
+            if queue.running < queue.most_running:
                 queue.running += 1
                 try:
                     await self._run_batches(database, queue, until=call)
@@ -511,11 +518,6 @@ class BatchedStatement:
             if call in queue.calls:  # not in a batch yet: it never runs
                 queue.calls.remove(call)
             raise
-
-    @staticmethod
-    def _most_running(engine: Engine) -> int:
-        size = getattr(engine.pool, "size", None)
-        return max(1, size() // BATCHES_PER_POOL_SHARE) if callable(size) else 1
 
     async def _run_batches(
         self, database: AsyncEngine, queue: _BatchQueue, *, until: _BatchCall | None
@@ -600,7 +602,7 @@ class BatchedStatement:
 
     def _hand_over(self, database: AsyncEngine, queue: _BatchQueue) -> None:
         """Calls left queued by callers that stopped running batches get a runner of their own."""
-        if not queue.calls or queue.running >= self._most_running(database.sync_engine):
+        if not queue.calls or queue.running >= queue.most_running:
             return
         queue.running += 1
 
