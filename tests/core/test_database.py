@@ -4,6 +4,7 @@ sessions outside a request."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import uuid
 from collections.abc import AsyncIterator
@@ -384,6 +385,7 @@ async def batch_probes(
             await connection.run_sync(probes.metadata.create_all)
         yield engine, add, probes
     finally:
+        await engine.dispose()  # whatever state a test left its connections in
         async with engine.begin() as connection:
             await connection.run_sync(probes.metadata.drop_all)
         await engine.dispose()
@@ -468,6 +470,27 @@ async def test_a_cancelled_caller_leaves_its_batch_to_finish_and_its_queued_call
         await first
         assert dropped.cancelled()
         assert await stored_names(engine, probes) == {"r", "x", "y", "f"}
+
+
+async def test_a_runner_that_finds_its_calls_taken_by_another_leaves_its_connection_clean(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """Two batches wait for the pool and the first takes every call queued: the second gets
+    no call to run, and its connection goes back as it came (no statement begun on it, no
+    lock held: the table can be changed at once)."""
+    async with batch_probes(postgres_url, tmp_path, pool_size=8) as (engine, add, probes):
+        async with contextlib.AsyncExitStack() as held:  # the whole pool: the calls queue up
+            for _ in range(8):
+                await held.enter_async_context(driver_connection(engine))
+            calls = [
+                asyncio.create_task(add.fetch(engine, {"id": uuid.uuid4(), "name": name}))
+                for name in "abc"
+            ]
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*calls)
+        async with asyncio.timeout(5), engine.begin() as connection:
+            await connection.execute(text(f"LOCK TABLE {probes.name} IN ACCESS EXCLUSIVE MODE"))
+        assert await stored_names(engine, probes) == {"a", "b", "c"}
 
 
 async def test_calls_queued_for_a_batch_fail_alike_when_no_connection_comes(

@@ -535,7 +535,9 @@ class BatchedStatement:
                 return
             batch = queue.calls[: self.max_calls]
             del queue.calls[: self.max_calls]
-            if batch == [until]:
+            if not batch:  # another runner took them while this one waited for the pool
+                await connection.check_in()
+            elif batch == [until]:
                 # Alone: run as any statement is, stopped if its caller is.
                 try:
                     await self._run(connection, batch)
