@@ -551,6 +551,47 @@ async def test_storing_an_answer_is_one_round_trip_and_charges_its_usage(
     await stop(sessionmaker, engine, sent)  # its task finds it stored already
 
 
+async def test_answers_of_several_customers_stored_at_once_are_each_stored_and_charged(
+    app: FastAPI,
+    sessionmaker: async_sessionmaker[AsyncSession],
+    session: AsyncSession,
+    engine: GenerationEngine,
+) -> None:
+    """Results stored at the same time (on PostgreSQL in batches, `BatchedStatement`, which
+    share each customer's usage row): each stored with its own text, each charged once."""
+    customers = [await create_user(session) for _ in range(3)]
+    sends = []
+    for number in range(12):
+        customer = customers[number % 3]
+        conversation = await new_conversation(sessionmaker, customer)
+        sends.append(await post(sessionmaker, engine, customer, conversation.id, "[[hang]] hi"))
+    results = []
+    for number, sent in enumerate(sends):
+        assert sent.answer_id is not None
+        results.append(
+            AnswerResult(
+                job_conversation_id=sent.user_message.conversation_id,
+                message_id=sent.answer_id,
+                outcome="complete",
+                content=f"Answer {number}.",
+                last_seq=2,
+                usage=Usage(prompt_tokens=10, completion_tokens=number),
+                asked_by=sent.user_message.author_id,
+            )
+        )
+    stored = await asyncio.gather(*(engine.store.store_result(result) for result in results))
+    assert [answer.message["content"] for answer in stored] == [r.content for r in results]
+    assert all(answer.changed for answer in stored)
+    async with driver_connection(app.state.engine) as connection:
+        for index, customer in enumerate(customers):
+            charged = await repository.get_token_usage(
+                connection, user_id=customer.id, day=service.usage_day(utcnow())
+            )
+            assert charged == sum(10 + number for number in range(index, 12, 3))
+    for sent in sends:
+        await stop(sessionmaker, engine, sent)  # its task finds it stored already
+
+
 async def test_a_send_that_waited_for_another_sends_lock_is_refused_and_stores_nothing(
     sessionmaker: async_sessionmaker[AsyncSession],
     session: AsyncSession,

@@ -746,6 +746,7 @@ def _store_result_statement() -> Any:
     ).cte("charged")
     return (
         select(
+            finished.c.id.label("batch_key"),
             *finished.c,
             touched.c.user_id.label("owner_id"),
             (touched.c.memory_tokens + finished.c.token_count).label("memory_tokens"),
@@ -755,7 +756,11 @@ def _store_result_statement() -> Any:
     )
 
 
-_STORE_RESULT = DriverStatement(_store_result_statement())
+# Results stored at once batch together; by customer, then conversation, so that two batches
+# take the rows they share (a customer's usage of the day) in the same order.
+_STORE_RESULT = BatchedStatement(
+    _store_result_statement(), key="message_id", lock_order="lock_order"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -814,9 +819,11 @@ _CHARGE = DriverStatement(
 
 
 async def store_result_at_once(
-    connection: DriverConnection,
+    database: AsyncEngine,
     *,
     message_id: uuid.UUID,
+    conversation_id: uuid.UUID,
+    customer_id: uuid.UUID | None,
     values: dict[str, object],
     moment: datetime,
     answered: bool,
@@ -824,16 +831,23 @@ async def store_result_at_once(
 ) -> StoredAtOnce | None:
     """An answer's final state (`values` by column), the conversation's activity and the usage
     charge (the stored usage: cancelled and failed answers pay for what they streamed), all or
-    nothing and in one round trip: one statement on PostgreSQL (`_store_result_statement`),
-    one transaction in one trip to the connection's thread on SQLite. None when the answer was
-    final already (or is gone)."""
+    nothing and in one round trip: one statement on PostgreSQL (`_store_result_statement`,
+    batched with the results stored at the same time), one transaction in one trip to the
+    connection's thread on SQLite. None when the answer was final already (or is gone).
+
+    `customer_id` (the conversation's, when known) orders the batch's row locks."""
     params: dict[str, object] = {f"new_{name}": values.get(name) for name in _RESULT_COLUMNS}
     params["new_prompt_tokens"] = values.get("prompt_tokens")
     params["new_model"] = values.get("model")
     params["message_id"] = message_id
-    if connection.dialect.name == "postgresql":
-        params.update(touched_at=moment, answered=answered, day=day)
-        rows = await _STORE_RESULT.fetch(connection, params)
+    if database.dialect.name == "postgresql":
+        params.update(
+            touched_at=moment,
+            answered=answered,
+            day=day,
+            lock_order=f"{customer_id or ''}/{conversation_id}",
+        )
+        rows = await _STORE_RESULT.fetch(database, params)
         if not rows:
             return None
         row = rows[0]
@@ -855,4 +869,5 @@ async def store_result_at_once(
         work.fetch(_CHARGE, {"user_id": owner_id, "day": day, "tokens": charge})
         return StoredAtOnce(message, TouchedConversation(owner_id, int(memory_tokens)))
 
-    return await in_sqlite_transaction(connection, store)
+    async with driver_connection(database) as connection:
+        return await in_sqlite_transaction(connection, store)

@@ -929,15 +929,16 @@ class ConversationAnswerStore:
             values["prompt_tokens"] = result.usage.prompt_tokens
         if result.model:
             values["model"] = result.model
-        async with driver_connection(self.database) as connection:
-            stored = await repository.store_result_at_once(
-                connection,
-                message_id=result.message_id,
-                values=values,
-                moment=now,
-                answered=bool(result.content),
-                day=usage_day(now),
-            )
+        stored = await repository.store_result_at_once(
+            self.database,
+            message_id=result.message_id,
+            conversation_id=result.job_conversation_id,
+            customer_id=result.asked_by,
+            values=values,
+            moment=now,
+            answered=bool(result.content),
+            day=usage_day(now),
+        )
         if stored is None:
             # Stored as final already (e.g. by another instance), or deleted meanwhile.
             async with unit_of_work(self.sessionmaker) as session:

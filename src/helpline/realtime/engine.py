@@ -88,6 +88,7 @@ class AnswerResult:
     error_code: str | None = None
     error_detail: str | None = None
     model: str | None = None
+    asked_by: uuid.UUID | None = None  # the question's author, when known
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,6 +412,7 @@ class GenerationEngine:
             error_code=error_code,
             error_detail=error_detail,
             model=self.answerer.model,
+            asked_by=job.user_id,
         )
 
     def _take_piece(self, running: RunningAnswer, text: str) -> None:
