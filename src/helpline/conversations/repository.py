@@ -267,6 +267,15 @@ _CONTEXT_COLUMNS = (
     _messages.c.client_message_id,
     _messages.c.created_at,
 )
+# What an answer's history needs of a message (a send reads the recent ones on its way to the
+# first token).
+_HISTORY_COLUMNS = (
+    _messages.c.id,
+    _messages.c.role,
+    _messages.c.content,
+    _messages.c.token_count,
+    _messages.c.created_at,
+)
 _RECENT = (
     select(*_CONTEXT_COLUMNS)
     .where(_IN_CONVERSATION)
@@ -377,7 +386,7 @@ def _send_at_once_statement() -> Any:
     in_conversation = _messages.c.conversation_id == conversation_id
     claimed = _claim_statement().cte("claimed")
     recent = (
-        select(*_CONTEXT_COLUMNS)
+        select(*_HISTORY_COLUMNS)
         .where(in_conversation)
         .order_by(*_NEWEST_FIRST)
         .limit(bindparam("recent_limit"))
@@ -474,7 +483,7 @@ class SentAtOnce:
 
 
 _CLAIM = DriverStatement(_claim_statement())
-_RECENT_MESSAGES = DriverStatement(select(*_RECENT.c))
+_RECENT_MESSAGES = DriverStatement(select(*(_RECENT.c[c.name] for c in _HISTORY_COLUMNS)))
 _INSERT_MESSAGE_ROW = DriverStatement(_INSERT_MESSAGE)
 
 
@@ -544,7 +553,7 @@ async def send_at_once(
 
 
 def _oldest_first(rows: Iterable[Any]) -> list[HistoryMessage]:
-    """Context rows (`_CONTEXT_COLUMNS`) as history, oldest first."""
+    """Rows of `_HISTORY_COLUMNS` (at least) as history, oldest first."""
     return [
         HistoryMessage(row.role, row.content, row.token_count, row.created_at)
         for row in sorted(rows, key=lambda row: (row.created_at, row.id))
