@@ -19,7 +19,8 @@ counted in the text received (each fake piece is one word), since a frame may ca
   alone, `bench/fake_model.py`); then 1,000 one-token answers: the server's CPU per answer
   apart from its tokens.
 - ttft: time from the request to the first token on an open socket (Helpline also commits the
-  user message and the answer row first); added over the bare server.
+  user message and the answer row first), 600 requests one at a time over 5 sockets; added over
+  the bare server.
 - memory: server RSS per idle socket with 5,000 open, without and with permessage-deflate, on
   the embedded SQLite default and on PostgreSQL.
 - slow: 10 sockets on one conversation, one never reads; the other nine's completion time
@@ -376,18 +377,26 @@ async def fake_model_cost(streams: int) -> str:
     return done.stdout.strip()
 
 
-async def ttft(target: Target, rounds: int = 200) -> tuple[float, float]:
+async def ttft(target: Target, rounds: int = 600, sockets: int = 5) -> tuple[float, float]:
+    """One request at a time, taking turns over `sockets` open sockets (each its own
+    conversation when the target has that many): enough samples for a steady median, and
+    conversations of a few hundred messages, not one of thousands."""
+    if target.is_helpline:
+        sockets = min(sockets, len(target.conversations))
     samples: list[float] = []
-    client = await connect(target.url(0), ignore_frame)
-    for _ in range(rounds):
+    clients = [await connect(target.url(index), ignore_frame) for index in range(sockets)]
+    for number in range(rounds):
+        client = clients[number % sockets]
         stream = Stream(tokens_wanted=1)
         client.on_text = stream.on_text
         stream.sent_at = time.perf_counter()
         client.send_text(target.request(1, 0))
         await asyncio.wait_for(stream.done.wait(), 10)
+        client.on_text = ignore_frame
         assert stream.first_at is not None
         samples.append((stream.first_at - stream.sent_at) * 1000)
-    client.close()
+    for client in clients:
+        client.close()
     samples = samples[10:]  # warm-up
     return statistics.median(samples), pct(samples, 0.99)
 
@@ -566,7 +575,7 @@ async def streaming_scenarios(
         # The embedded default: the user message is committed to a SQLite file.
         sqlite_data = Path(tempfile.mkdtemp(prefix="helpline-bench-"))
         with helpline_server(helpline_env(sqlite_data)) as embedded:
-            token, conversations = await make_conversations(embedded.port, 1)
+            token, conversations = await make_conversations(embedded.port, 5)
             print_ttft("SQLite", await ttft(Target(embedded.port, token, conversations)), bare_ttft)
     if bare_unpaced is not None or bare_ttft is not None:
         await support_agent(data, database_url, bare_unpaced, bare_ttft)
