@@ -34,8 +34,8 @@ class Settings(BaseSettings):
     # Persistence
     database_url: str = "sqlite+aiosqlite:///./helpline.db"
     # Connections are kept, not opened for a burst and closed after it (each new one costs
-    # several round trips and milliseconds of CPU): the whole allowance is the pool. A burst
-    # of sends to a busy process holds ~30 at once (`bench/realtime.py paced`, 1,000 streams).
+    # several round trips and milliseconds of CPU): the whole allowance is the pool. Sends and
+    # stores of answers take at most a quarter of it each, in batches (`BatchedStatement`).
     database_pool_size: int = Field(40, ge=1)
     database_max_overflow: int = Field(0, ge=0)
     database_pool_timeout_s: float = Field(10.0, gt=0)
