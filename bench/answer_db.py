@@ -6,9 +6,10 @@ For each of 300 conversations: `post_message` (the question and the `streaming` 
 committed before the model is called — on the way to the first token) and the engine's
 `store_result` (the final answer, usage, the conversation's activity). The model is not run.
 Prints the wall time of each (p50) and the CPU time per answer, beside a floor: one bare
-`SELECT 1` round trip on the same engine. Apart: the lookups a socket's handshake makes (its
-user, its conversation), as it makes them (a statement each on the driver), beside the same
-lookups through an ORM session.
+`SELECT 1` round trip on the same engine; then a send (and its store) in conversations that
+have a history of 12 exchanges, which the send reads for the model. Apart: the lookups a
+socket's handshake makes (its user, its conversation), as it makes them (a statement each on
+the driver), beside the same lookups through an ORM session.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from bench.realtime import helpline_env, postgres_database  # noqa: E402
 
 ANSWERS = 300
 WARM_UP = 50
+# Then sends to conversations with a history: this many exchanges before the measured one.
+HISTORY_EXCHANGES = 12
+HISTORY_CONVERSATIONS = 60
 
 
 async def measure(database_url: str, data: Path) -> None:
@@ -149,6 +153,43 @@ async def measure(database_url: str, data: Path) -> None:
     measured = ANSWERS - WARM_UP
     handshakes_cpu_s = handshake_cpu_s + orm_handshake_cpu_s
     cpu_ms = (time.process_time() - cpu_started - handshakes_cpu_s) / measured * 1000
+
+    async def exchange(conversation_id: uuid.UUID) -> float:
+        """One send and its store; the send's CPU time."""
+        cpu_started = time.process_time()
+        sent = await service.post_message(
+            sessionmaker,
+            engine=engine,
+            queue_when_busy=False,
+            author=user,
+            conversation_id=conversation_id,
+            content="And when will it arrive, do you think?",
+            client_message_id=uuid.uuid4().hex,
+        )
+        send_cpu_s = time.process_time() - cpu_started
+        assert sent.assistant_message is not None
+        await store.store_result(
+            AnswerResult(
+                job_conversation_id=conversation_id,
+                message_id=sent.assistant_message.id,
+                outcome="complete",
+                content="It should be with you by Thursday, tracking says.",
+                last_seq=9,
+                usage=Usage(prompt_tokens=120, completion_tokens=10),
+            )
+        )
+        return send_cpu_s
+
+    with_history = conversations[:HISTORY_CONVERSATIONS]
+    for _ in range(HISTORY_EXCHANGES - 1):  # each has one exchange already
+        for conversation_id in with_history:
+            await exchange(conversation_id)
+    history_sends: list[float] = []
+    history_cpu_s = 0.0
+    for conversation_id in with_history:
+        started = time.perf_counter()
+        history_cpu_s += await exchange(conversation_id)
+        history_sends.append((time.perf_counter() - started) * 1000)
     await database.dispose()
 
     def p50(values: list[float]) -> float:
@@ -159,6 +200,11 @@ async def measure(database_url: str, data: Path) -> None:
     print(f"  store the answer's result               p50 {p50(stores):7.2f} ms")
     print(f"  one bare round trip (floor)             p50 {p50(floor):7.2f} ms")
     print(f"  CPU per answer (all of the above)           {cpu_ms:7.2f} ms")
+    print(
+        f"  send after {HISTORY_EXCHANGES} exchanges, and its store    "
+        f"p50 {statistics.median(history_sends):7.2f} ms, "
+        f"CPU of the send {history_cpu_s / len(with_history) * 1000:.2f} ms"
+    )
     print("  a socket's handshake lookups        driver statements   ORM session")
     for label, driver, orm in (
         ("p50", p50(handshakes), p50(orm_handshakes)),
