@@ -33,6 +33,7 @@ WARM_UP = 50
 # Then sends to conversations with a history: this many exchanges before the measured one.
 HISTORY_EXCHANGES = 12
 HISTORY_CONVERSATIONS = 60
+ON_ITS_WAY = "It is on its way: tracking says it should be with you by Thursday."
 
 
 async def measure(database_url: str, data: Path) -> None:
@@ -50,6 +51,7 @@ async def measure(database_url: str, data: Path) -> None:
     from helpline.agents.chat import ChatAnswerer
     from helpline.agents.providers.fake import FakeChatModel
     from helpline.agents.schemas import Usage
+    from helpline.agents.tokens import estimate_tokens
     from helpline.auth import repository as auth_repository
     from helpline.auth.models import User, UserRole
     from helpline.conversations import service
@@ -91,6 +93,35 @@ async def measure(database_url: str, data: Path) -> None:
             conversation = await service.create_conversation(session, user=user, title=None)
             conversations.append(conversation.id)
 
+    async def exchange(
+        conversation_id: uuid.UUID, question: str, answer: str
+    ) -> tuple[float, float, float]:
+        """One send and the store of its answer: the send's wall and CPU time, the store's wall
+        time (seconds)."""
+        sent_at, cpu_started = time.perf_counter(), time.process_time()
+        sent = await service.post_message(
+            sessionmaker,
+            engine=engine,
+            queue_when_busy=False,
+            author=user,
+            conversation_id=conversation_id,
+            content=question,
+            client_message_id=uuid.uuid4().hex,
+        )
+        stored_at, send_cpu_s = time.perf_counter(), time.process_time() - cpu_started
+        assert sent.assistant_message is not None
+        await store.store_result(
+            AnswerResult(
+                job_conversation_id=conversation_id,
+                message_id=sent.assistant_message.id,
+                outcome="complete",
+                content=answer,
+                last_seq=5,
+                usage=Usage(prompt_tokens=40, completion_tokens=estimate_tokens(answer)),
+            )
+        )
+        return stored_at - sent_at, send_cpu_s, time.perf_counter() - stored_at
+
     sends: list[float] = []
     stores: list[float] = []
     floor: list[float] = []
@@ -124,72 +155,25 @@ async def measure(database_url: str, data: Path) -> None:
         started = time.perf_counter()
         async with database.connect() as connection:
             await connection.execute(text("SELECT 1"))
-        sent_at = time.perf_counter()
-        sent = await service.post_message(
-            sessionmaker,
-            engine=engine,
-            queue_when_busy=False,
-            author=user,
-            conversation_id=conversation_id,
-            content="Where is my parcel?",
-            client_message_id=uuid.uuid4().hex,
-        )
-        stored_at = time.perf_counter()
-        assert sent.assistant_message is not None
-        await store.store_result(
-            AnswerResult(
-                job_conversation_id=conversation_id,
-                message_id=sent.assistant_message.id,
-                outcome="complete",
-                content="It is on its way.",
-                last_seq=5,
-                usage=Usage(prompt_tokens=40, completion_tokens=4),
-            )
-        )
-        finished = time.perf_counter()
-        floor.append((sent_at - started) * 1000)
-        sends.append((stored_at - sent_at) * 1000)
-        stores.append((finished - stored_at) * 1000)
+        floor.append((time.perf_counter() - started) * 1000)
+        send_s, _, store_s = await exchange(conversation_id, "Where is my parcel?", ON_ITS_WAY)
+        sends.append(send_s * 1000)
+        stores.append(store_s * 1000)
     measured = ANSWERS - WARM_UP
     handshakes_cpu_s = handshake_cpu_s + orm_handshake_cpu_s
     cpu_ms = (time.process_time() - cpu_started - handshakes_cpu_s) / measured * 1000
 
-    async def exchange(conversation_id: uuid.UUID) -> float:
-        """One send and its store; the send's CPU time."""
-        cpu_started = time.process_time()
-        sent = await service.post_message(
-            sessionmaker,
-            engine=engine,
-            queue_when_busy=False,
-            author=user,
-            conversation_id=conversation_id,
-            content="And when will it arrive, do you think?",
-            client_message_id=uuid.uuid4().hex,
-        )
-        send_cpu_s = time.process_time() - cpu_started
-        assert sent.assistant_message is not None
-        await store.store_result(
-            AnswerResult(
-                job_conversation_id=conversation_id,
-                message_id=sent.assistant_message.id,
-                outcome="complete",
-                content="It should be with you by Thursday, tracking says.",
-                last_seq=9,
-                usage=Usage(prompt_tokens=120, completion_tokens=10),
-            )
-        )
-        return send_cpu_s
-
     with_history = conversations[:HISTORY_CONVERSATIONS]
+    follow_up = "And when will it arrive, do you think?"
     for _ in range(HISTORY_EXCHANGES - 1):  # each has one exchange already
         for conversation_id in with_history:
-            await exchange(conversation_id)
+            await exchange(conversation_id, follow_up, ON_ITS_WAY)
     history_sends: list[float] = []
     history_cpu_s = 0.0
     for conversation_id in with_history:
-        started = time.perf_counter()
-        history_cpu_s += await exchange(conversation_id)
-        history_sends.append((time.perf_counter() - started) * 1000)
+        send_s, send_cpu_s, _ = await exchange(conversation_id, follow_up, ON_ITS_WAY)
+        history_sends.append(send_s * 1000)
+        history_cpu_s += send_cpu_s
     await database.dispose()
 
     def p50(values: list[float]) -> float:
@@ -201,9 +185,9 @@ async def measure(database_url: str, data: Path) -> None:
     print(f"  one bare round trip (floor)             p50 {p50(floor):7.2f} ms")
     print(f"  CPU per answer (all of the above)           {cpu_ms:7.2f} ms")
     print(
-        f"  send after {HISTORY_EXCHANGES} exchanges, and its store    "
-        f"p50 {statistics.median(history_sends):7.2f} ms, "
-        f"CPU of the send {history_cpu_s / len(with_history) * 1000:.2f} ms"
+        f"  send after {HISTORY_EXCHANGES} exchanges                p50 "
+        f"{statistics.median(history_sends):7.2f} ms, its CPU "
+        f"{history_cpu_s / len(with_history) * 1000:.2f} ms"
     )
     print("  a socket's handshake lookups        driver statements   ORM session")
     for label, driver, orm in (
