@@ -14,15 +14,7 @@ import sqlite3
 import time
 import weakref
 from collections import namedtuple
-from collections.abc import (
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Coroutine,
-    Iterable,
-    Iterator,
-    Mapping,
-)
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar, cast
@@ -546,17 +538,20 @@ class BatchedStatement:
             if not batch:  # another runner took them while this one waited for the pool
                 await connection.check_in()
             elif batch == [until]:
-                # Alone: run as any statement is, stopped if its caller is. The connection goes
-                # back in a task of its own: the caller goes on with its rows at once (on the
-                # way to a first token) rather than after the pool's bookkeeping.
+                # Alone: run as any statement is, stopped if its caller is.
                 try:
                     await self._run(connection, batch)
                 finally:
-                    self._keep(queue, connection.check_in())
+                    await connection.check_in()
             else:
                 # Others' calls: the batch finishes (and the connection goes back) even if
                 # this caller is cancelled meanwhile.
-                await asyncio.shield(self._keep(queue, self._run_and_check_in(connection, batch)))
+                task = asyncio.get_running_loop().create_task(
+                    self._run_and_check_in(connection, batch), name="batched-statement"
+                )
+                queue.helpers.add(task)
+                task.add_done_callback(queue.helpers.discard)
+                await asyncio.shield(task)
 
     async def _run_and_check_in(
         self, connection: DriverConnection, batch: list[_BatchCall]
@@ -620,15 +615,9 @@ class BatchedStatement:
                 queue.running -= 1
                 self._hand_over(database, queue)
 
-        self._keep(queue, drain())
-
-    @staticmethod
-    def _keep(queue: _BatchQueue, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Run `work` in a task of its own, referenced until it ends."""
-        task = asyncio.get_running_loop().create_task(work, name="batched-statement")
+        task = asyncio.get_running_loop().create_task(drain(), name="batched-statement")
         queue.helpers.add(task)
         task.add_done_callback(queue.helpers.discard)
-        return task
 
 
 def _settle(calls: Iterable[_BatchCall], exc: BaseException) -> None:
