@@ -493,6 +493,31 @@ async def test_a_runner_that_finds_its_calls_taken_by_another_leaves_its_connect
         assert await stored_names(engine, probes) == {"a", "b", "c"}
 
 
+async def test_a_batch_whose_connection_died_fails_each_call_and_the_pool_replaces_it(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """The connection a batch gets was killed while it sat in the pool: every call of the
+    batch fails as a lost connection (worth a retry, `DatabaseUnavailable`), nothing of it is
+    stored, and the next call runs on a fresh connection."""
+    async with batch_probes(postgres_url, tmp_path, pool_size=1) as (engine, add, probes):
+        dead_pid = await backend_pid(engine, "driver")
+        async with driver_connection(engine):  # the only connection: the calls queue up
+            calls = [
+                asyncio.create_task(add.fetch(engine, {"id": uuid.uuid4(), "name": name}))
+                for name in "abc"
+            ]
+            await asyncio.sleep(0.05)
+            await _terminate(postgres_url, dead_pid)
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(outcome, DBAPIError) for outcome in outcomes), outcomes
+        assert all(
+            isinstance(unavailable_error(outcome), DatabaseUnavailable) for outcome in outcomes
+        )
+        await add.fetch(engine, {"id": uuid.uuid4(), "name": "after"})
+        assert await backend_pid(engine, "driver") != dead_pid
+        assert await stored_names(engine, probes) == {"after"}
+
+
 async def test_calls_queued_for_a_batch_fail_alike_when_no_connection_comes(
     postgres_url: str, tmp_path: Path
 ) -> None:

@@ -429,7 +429,14 @@ async def _as_sqlalchemy_errors(
         yield
     except asyncpg.IntegrityConstraintViolationError as exc:
         raise IntegrityError(sql, args, exc) from exc
-    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError) as exc:
+    except (
+        asyncpg.PostgresConnectionError,
+        asyncpg.InterfaceError,
+        # A connection the server closed while it sat in the pool fails the first statement
+        # prepared on it this way (its protocol still thinks an operation is under way).
+        asyncpg.exceptions.InternalClientError,
+        OSError,
+    ) as exc:
         await connection.invalidate(exc)
         raise DBAPIError(sql, args, exc, connection_invalidated=True) from exc
     except asyncpg.PostgresError as exc:
