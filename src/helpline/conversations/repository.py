@@ -832,7 +832,7 @@ async def store_result_at_once(
     *,
     message_id: uuid.UUID,
     conversation_id: uuid.UUID,
-    customer_id: uuid.UUID | None,
+    asked_by: uuid.UUID | None,
     values: dict[str, object],
     moment: datetime,
     answered: bool,
@@ -844,7 +844,8 @@ async def store_result_at_once(
     batched with the results stored at the same time), one transaction in one trip to the
     connection's thread on SQLite. None when the answer was final already (or is gone).
 
-    `customer_id` (the conversation's, when known) orders the batch's row locks."""
+    `asked_by`, the question's author when known (the conversation's customer, whose usage
+    row the store charges, in all but a staff member's question), orders the batch's row locks."""
     params: dict[str, object] = {f"new_{name}": values.get(name) for name in _RESULT_COLUMNS}
     params["new_prompt_tokens"] = values.get("prompt_tokens")
     params["new_model"] = values.get("model")
@@ -854,7 +855,7 @@ async def store_result_at_once(
             touched_at=moment,
             answered=answered,
             day=day,
-            lock_order=f"{customer_id or ''}/{conversation_id}",
+            lock_order=f"{asked_by or ''}/{conversation_id}",
         )
         rows = await _STORE_RESULT.fetch(database, params)
         if not rows:

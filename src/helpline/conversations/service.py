@@ -933,7 +933,7 @@ class ConversationAnswerStore:
             self.database,
             message_id=result.message_id,
             conversation_id=result.job_conversation_id,
-            customer_id=result.asked_by,
+            asked_by=result.asked_by,
             values=values,
             moment=now,
             answered=bool(result.content),
