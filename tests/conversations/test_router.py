@@ -557,6 +557,8 @@ async def test_a_second_send_while_an_answer_streams_is_409(
     second = await send(client, alice, conversation_id, "second", "second-1")
     assert_error(second, 409, "GENERATION_IN_PROGRESS")
 
+    # Cancel once the model streams, so that cancelling has a stream to stop.
+    await eventually(lambda: fake_model_of(app).active_streams == 1)
     cancel = await client.post(f"/conversations/{conversation_id}/cancel", headers=alice.headers)
     assert cancel.status_code == 202
     async with asyncio.timeout(10):

@@ -210,11 +210,13 @@ async def test_concurrent_sends_of_different_messages_start_one_answer(
     ]
     assert len(streaming) == 1
 
+    # Cancel once the one answer's model stream runs, so that cancelling has a stream to stop.
+    await eventually(lambda: model.active_streams == 1)
     async with unit_of_work(sessionmaker) as db:
         fresh = await service.get_conversation(db, user=owner, conversation_id=conversation.id)
         await service.cancel_answer(db, engine=engine, conversation=fresh)
     await eventually(lambda: finished(sessionmaker, conversation.id))
-    assert model.cancelled_streams == 1
+    assert (model.cancelled_streams, model.active_streams) == (1, 0)
 
 
 async def test_handoff_of_a_conversation_with_an_agent_is_a_conflict(
