@@ -102,6 +102,13 @@ async def recv_until(
                 return frames
 
 
+async def live(socket: websockets.ClientConnection) -> None:
+    """Wait for the `pong` to a `ping`: the server reads a socket's frames once it gets the
+    conversation's frames from every instance."""
+    await socket.send(json.dumps({"type": "ping"}))
+    await recv_until(socket, "pong")
+
+
 def answer_text(frames: list[Frame]) -> str:
     return "".join(frame["content"] for frame in frames if frame["type"] == "token")
 
@@ -130,7 +137,7 @@ async def test_sockets_on_two_instances_get_the_same_frames(
         websockets.connect(socket_url(first, conversation_id, token)) as on_first,
         websockets.connect(socket_url(second, conversation_id, token)) as on_second,
     ):
-        await asyncio.sleep(0.3)  # let the second instance subscribe to the conversation
+        await live(on_second)
         await on_first.send(
             json.dumps({"type": "chat", "content": "hi [[tokens=30]]", "message_id": "a1"})
         )
@@ -164,6 +171,42 @@ async def test_cancel_on_one_instance_stops_the_answer_running_on_the_other(
     stored = frames[-1]["message"]
     assert stored["status"] == "cancelled"
     assert 0 < stored["token_count"] < 2000
+
+
+async def test_a_resume_on_the_other_instance_joins_the_live_answer_without_a_gap(
+    cluster_settings: Settings, instances: tuple[ProcessServer, ProcessServer]
+) -> None:
+    """A client that moved to another instance mid-answer resumes at once: the replay from the
+    shared log and the live frames from the instance running the answer join exactly."""
+    first, second = instances
+    async with httpx.AsyncClient(base_url=first.http_url, timeout=15) as http:
+        token, conversation_id = await customer(cluster_settings, http)
+    async with websockets.connect(socket_url(first, conversation_id, token)) as on_first:
+        await on_first.send(
+            json.dumps({"type": "chat", "content": "long [[tokens=300 delay_ms=5]]"})
+        )
+        seen: list[Frame] = []
+        async with asyncio.timeout(15):
+            while len([f for f in seen if f["type"] == "token"]) < 3:
+                seen.append(json.loads(await on_first.recv()))
+        tokens = [frame for frame in seen if frame["type"] == "token"]
+        async with websockets.connect(socket_url(second, conversation_id, token)) as on_second:
+            await on_second.send(
+                json.dumps(
+                    {
+                        "type": "resume",
+                        "message_id": tokens[0]["message_id"],
+                        "after_seq": tokens[-1]["seq"],
+                    }
+                )
+            )
+            resumed = await recv_until(on_second, "complete")
+    seqs = [frame["seq"] for frame in resumed]
+    assert seqs == sorted(set(seqs))  # no frame twice
+    assert seqs[0] > tokens[-1]["seq"]
+    stored = resumed[-1]["message"]["content"]
+    assert answer_text(tokens) + answer_text(resumed) == stored
+    assert len(stored.split()) == 300
 
 
 async def test_answer_of_a_killed_instance_fails_and_resumes_elsewhere(
@@ -229,7 +272,8 @@ async def test_two_workers_fan_out_to_every_socket(
         url = socket_url(server, conversation_id, token)
         sockets = [await websockets.connect(url) for _ in range(6)]
         try:
-            await asyncio.sleep(0.3)
+            for socket in sockets:
+                await live(socket)
             await sockets[0].send(json.dumps({"type": "chat", "content": "x [[tokens=10]]"}))
             results = [await recv_until(socket, "complete") for socket in sockets]
         finally:

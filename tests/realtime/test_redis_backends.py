@@ -235,6 +235,45 @@ async def test_the_broker_delivers_frames_between_instances_without_echo(
     assert [f.data for f in on_two] == [first.data, second.data]
 
 
+async def test_a_frame_published_once_subscribed_returns_reaches_the_subscriber(
+    make_backends: BackendsFactory,
+) -> None:
+    """`subscribed` waits for Redis to confirm the channel: a frame another instance publishes
+    right after it (a resume's replay joined to the live frames) is never lost."""
+    one, two = await make_backends(), await make_backends()
+    conversations = [uuid.uuid4() for _ in range(20)]
+    received: list[Frame] = []
+    for conversation_id in conversations:
+        two.broker.subscribe(conversation_id, received.append)
+        await two.broker.subscribed(conversation_id)
+        await one.broker.publish(message_frame(conversation_id, {"id": str(conversation_id)}))
+    await eventually(lambda: len(received) == len(conversations))
+    assert [f.conversation_id for f in received] == conversations
+    # Confirmed already: no wait for another round trip.
+    await asyncio.wait_for(two.broker.subscribed(conversations[0]), 0.05)
+
+
+async def test_a_subscriber_back_right_after_the_last_one_left_waits_for_the_new_subscription(
+    make_backends: BackendsFactory,
+) -> None:
+    """The last subscriber of a conversation leaves (its channel is unsubscribed) and a new one
+    comes at once: `subscribed` waits for the new `SUBSCRIBE`, not the old confirmation."""
+    one, two = await make_backends(), await make_backends()
+    conversations = [uuid.uuid4() for _ in range(20)]
+    left: list[Frame] = []
+    received: list[Frame] = []
+    for conversation_id in conversations:
+        leaving = two.broker.subscribe(conversation_id, left.append)
+        await two.broker.subscribed(conversation_id)
+        leaving()
+        two.broker.subscribe(conversation_id, received.append)
+        await two.broker.subscribed(conversation_id)
+        await one.broker.publish(message_frame(conversation_id, {"id": str(conversation_id)}))
+    await eventually(lambda: len(received) == len(conversations))
+    assert [f.conversation_id for f in received] == conversations
+    assert left == []
+
+
 async def _subscribed(redis: Redis, channel: bytes, count: int) -> bool:
     return await subscribers_of(redis, channel) >= count
 
@@ -365,6 +404,8 @@ async def test_local_subscribers_get_frames_while_redis_is_unreachable(
     await backends.broker.publish(message_frame(conversation_id, {"id": "m"}))
     assert [(f.type, f.seq) for f in received] == [("token", 1), ("token", 2), ("message", None)]
     assert not await backends.broker.healthy()
+    # Nobody waits for a subscription Redis cannot confirm now.
+    await asyncio.wait_for(backends.broker.subscribed(conversation_id), 0.5)
 
 
 # -- an answer's events --------------------------------------------------------------------------

@@ -38,6 +38,12 @@ class Broker(Protocol):
         """Call `listener` (synchronously, it must not block) for each frame of the conversation."""
         ...
 
+    async def subscribed(self, conversation_id: uuid.UUID) -> None:
+        """Return once a frame of the conversation published on any instance from now on
+        reaches this instance's subscribers (call after `subscribe`). Bounded: while the
+        shared backend is away it returns at once, as local delivery goes on without it."""
+        ...
+
     async def publish(self, frame: Frame) -> None:
         """Deliver to local subscribers at once, then to the other instances."""
         ...
@@ -135,6 +141,9 @@ class MemoryBroker:
 
     def subscribe(self, conversation_id: uuid.UUID, listener: FrameListener) -> Unsubscribe:
         return self.local.add(conversation_id, listener)
+
+    async def subscribed(self, conversation_id: uuid.UUID) -> None:
+        del conversation_id  # subscribing here is done once `subscribe` returns
 
     async def publish(self, frame: Frame) -> None:
         self.local.deliver(frame)

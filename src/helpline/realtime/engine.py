@@ -226,6 +226,11 @@ class GenerationEngine:
     def subscribe(self, conversation_id: uuid.UUID, listener: FrameListener) -> Unsubscribe:
         return self.backends.broker.subscribe(conversation_id, listener)
 
+    async def subscribed(self, conversation_id: uuid.UUID) -> None:
+        """Return once the conversation's frames from every instance reach its subscribers
+        here (after `subscribe`): what is replayed from a log then joins the live frames."""
+        await self.backends.broker.subscribed(conversation_id)
+
     async def publish(self, frame: Frame) -> None:
         """Send a frame that is not part of an answer (message, status, typing)."""
         try:

@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -61,6 +63,8 @@ return redis.call('PUBLISH', KEYS[2], ARGV[3] .. ARGV[2])
 # The log's TTL is set with its first event and refreshed every so many after (and at the end).
 TTL_REFRESH_EVERY = 256
 RECONNECT_MAX_S = 2.0
+# How long a new subscriber waits for Redis to confirm its conversation's subscription.
+SUBSCRIBED_WAIT_S = 2.0
 BREAKER_COOLDOWN_S = 1.0
 
 
@@ -85,32 +89,100 @@ class Breaker:
 
 
 class _Subscriber:
-    """A pub/sub connection whose reader survives Redis restarts."""
+    """A pub/sub connection whose reader survives Redis restarts.
+
+    It reads Redis's confirmations of its `SUBSCRIBE`s too: `subscribed` waits for the one of a
+    channel, after which every message published to the channel reaches `on_message`.
+    """
 
     def __init__(self, redis: Redis, name: str, on_message: Any) -> None:
         self.redis = redis
         self.name = name
         self.on_message = on_message
-        self.pubsub: PubSub = redis.pubsub(ignore_subscribe_messages=True)
+        self.pubsub: PubSub = redis.pubsub()
         self.channels: set[bytes] = set()
         self.connected = False
+        self.failing = False  # Redis was lost and is not back yet (not: still connecting)
+        # On the current connection: the `SUBSCRIBE`s of each channel not confirmed yet, and
+        # the channels whose every `SUBSCRIBE` is.
+        self._unconfirmed: Counter[bytes] = Counter()
+        self._confirmed: set[bytes] = set()
+        self._waiters: dict[bytes, set[asyncio.Future[None]]] = {}
+        self._sending: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, *channels: bytes) -> None:
         self.channels.update(channels)
         self._task = asyncio.create_task(self._read_forever(), name=f"redis-{self.name}")
 
-    async def subscribe(self, channel: bytes) -> None:
+    def subscribe(self, channel: bytes) -> None:
         self.channels.add(channel)
         if self.connected:
-            with contextlib.suppress(Exception):
-                await self.pubsub.subscribe(channel)
+            self._spawn(self._send_subscribe, channel)
 
-    async def unsubscribe(self, channel: bytes) -> None:
+    def unsubscribe(self, channel: bytes) -> None:
+        # At once, not in the task: a `subscribed` right after must wait for the next SUBSCRIBE.
         self.channels.discard(channel)
+        self._confirmed.discard(channel)
         if self.connected:
+            self._spawn(self.pubsub.unsubscribe, channel)
+
+    def _spawn(self, command: Callable[[bytes], Awaitable[Any]], channel: bytes) -> None:
+        """Send a command in a task of its own (they start, and so are sent, in order); a
+        failure is the reader's to see, and it resubscribes what `channels` holds."""
+
+        async def send() -> None:
             with contextlib.suppress(Exception):
-                await self.pubsub.unsubscribe(channel)
+                await command(channel)
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def subscribed(self, channel: bytes, within_s: float = SUBSCRIBED_WAIT_S) -> None:
+        """Return once Redis confirmed the channel's subscription; at once while Redis is
+        away (the reader resubscribes when it is back), after `within_s` at most."""
+        if channel in self._confirmed or self.failing:
+            return
+        confirmed = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(channel, set())
+        waiters.add(confirmed)
+        try:
+            done, _ = await asyncio.wait([confirmed], timeout=within_s)
+            if not done:
+                log.warning("redis.subscribe_unconfirmed", subscriber=self.name)
+        finally:
+            waiters.discard(confirmed)
+            if not waiters and self._waiters.get(channel) is waiters:
+                del self._waiters[channel]
+
+    async def _send_subscribe(self, *channels: bytes) -> None:
+        self._unconfirmed.update(channels)
+        await self.pubsub.subscribe(*channels)
+
+    def _on_confirmed(self, channel: bytes) -> None:
+        left = self._unconfirmed[channel] - 1
+        if left > 0:
+            self._unconfirmed[channel] = left
+            return
+        self._unconfirmed.pop(channel, None)
+        if channel not in self.channels:  # unsubscribed meanwhile
+            return
+        self._confirmed.add(channel)
+        for waiter in self._waiters.pop(channel, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _disconnected(self, *, failing: bool) -> None:
+        self.connected = False
+        self.failing = failing
+        self._unconfirmed.clear()
+        self._confirmed.clear()
+        # Nobody waits out an outage: local delivery goes on meanwhile.
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def _read_forever(self) -> None:
         delay = 0.05
@@ -118,37 +190,41 @@ class _Subscriber:
             try:
                 if not self.connected:
                     await self.pubsub.aclose()  # type: ignore[no-untyped-call]
-                    self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                    self.pubsub = self.redis.pubsub()
                     channels = set(self.channels)
                     if channels:
-                        await self.pubsub.subscribe(*channels)
+                        await self._send_subscribe(*channels)
                     else:
                         await self.pubsub.ping()
-                    self.connected = True
+                    self.connected, self.failing = True, False
                     # `subscribe()` left channels added while we connected to us.
                     if missed := self.channels - channels:
-                        await self.pubsub.subscribe(*missed)
+                        await self._send_subscribe(*missed)
                     delay = 0.05
                     log.info("redis.subscriber_connected", subscriber=self.name)
                 message = await self.pubsub.get_message(timeout=1.0)
-                if message is not None and message.get("type") == "message":
+                if message is None:
+                    if not self.channels:
+                        await asyncio.sleep(0.5)
+                elif message["type"] == "message":
                     self.on_message(message["data"])
-                elif message is None and not self.channels:
-                    await asyncio.sleep(0.5)
+                elif message["type"] == "subscribe":
+                    self._on_confirmed(message["channel"])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 if self.connected:
                     log.warning("redis.subscriber_lost", subscriber=self.name, error=str(exc))
-                self.connected = False
+                self._disconnected(failing=True)
                 await asyncio.sleep(delay)
                 delay = min(RECONNECT_MAX_S, delay * 2)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in [*self._sending, *([self._task] if self._task is not None else [])]:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
+        self._disconnected(failing=False)
         with contextlib.suppress(Exception):
             await self.pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -161,7 +237,6 @@ class RedisBroker:
         self.instance_id = instance_id
         self.local = LocalSubscribers()
         self._subscriber = _Subscriber(redis, "broker", self._on_message)
-        self._pending: set[asyncio.Task[None]] = set()
 
     def channel(self, conversation_id: uuid.UUID) -> bytes:
         return f"{self.prefix}conv:{conversation_id}".encode()
@@ -170,19 +245,17 @@ class RedisBroker:
         first = self.local.count(conversation_id) == 0
         remove = self.local.add(conversation_id, listener)
         if first:
-            self._spawn(self._subscriber.subscribe(self.channel(conversation_id)))
+            self._subscriber.subscribe(self.channel(conversation_id))
 
         def unsubscribe() -> None:
             remove()
             if self.local.count(conversation_id) == 0:
-                self._spawn(self._subscriber.unsubscribe(self.channel(conversation_id)))
+                self._subscriber.unsubscribe(self.channel(conversation_id))
 
         return unsubscribe
 
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+    async def subscribed(self, conversation_id: uuid.UUID) -> None:
+        await self._subscriber.subscribed(self.channel(conversation_id))
 
     async def publish(self, frame: Frame) -> None:
         self.local.deliver(frame)
@@ -209,8 +282,6 @@ class RedisBroker:
 
     async def close(self) -> None:
         await self._subscriber.close()
-        for task in list(self._pending):
-            task.cancel()
 
     async def healthy(self) -> bool:
         return self._subscriber.connected

@@ -121,6 +121,7 @@ async def follow_answer(
 
     unsubscribe = engine.subscribe(conversation_id, on_frame)
     try:
+        await engine.subscribed(conversation_id)
         ended_before = await replay_into(
             queue,
             engine=engine,
@@ -159,6 +160,7 @@ async def follow_reply(
 
     unsubscribe = engine.subscribe(conversation_id, on_frame)
     try:
+        await engine.subscribed(conversation_id)
         async with lookup_session(sessionmaker) as session:
             reply = await conversations_service.get_reply(session, question.id)
         message_id = reply.id if reply is not None else uuid.UUID(await started)
