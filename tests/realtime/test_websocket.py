@@ -916,6 +916,27 @@ async def test_a_chat_past_the_daily_token_budget_gets_an_error_frame_and_no_ans
     assert "and another" not in contents
 
 
+def frames_counted(direction: str, kind: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "helpline_websocket_frames_total", {"direction": direction, "type": kind}
+    )
+    return value or 0.0
+
+
+async def test_frames_in_and_out_are_counted_in_the_metrics(
+    live_server: LiveServer, http: httpx.AsyncClient, person: PartyFactory
+) -> None:
+    alice = await person()
+    conversation_id = await new_conversation(http, alice)
+    received, pongs = frames_counted("in", "any"), frames_counted("out", "pong")
+    async with open_socket(live_server.ws_url, conversation_id, alice.token) as socket:
+        for _ in range(3):
+            await socket.send(type="ping")
+            assert await socket.recv() == {"type": "pong"}
+    assert frames_counted("in", "any") == received + 3
+    assert frames_counted("out", "pong") == pongs + 3
+
+
 # -- slow consumers ----------------------------------------------------------------------------
 
 

@@ -67,8 +67,9 @@ CLOSE_FRAME_WAIT_S = 5.0
 COALESCE_FRAMES_S = 0.04
 
 
-# The labelled counters of frames sent, by type: looked up once, not per frame.
+# The labelled counters of frames sent, by type, and received: looked up once, not per frame.
 _FRAMES_OUT: dict[str, Counter] = {}
+_FRAMES_IN = metrics.WEBSOCKET_FRAMES.labels(direction="in", type="any")
 
 
 class ChatFrame(BaseModel):
@@ -398,7 +399,7 @@ class ChatConnection:
         if text is None:
             self._send_own(error_data("BAD_REQUEST", "Frames must be JSON text"))
             return
-        metrics.WEBSOCKET_FRAMES.labels(direction="in", type="any").inc()
+        _FRAMES_IN.inc()
         max_bytes = self.settings.ws_max_frame_bytes
         if len(text) > max_bytes or len(text.encode()) > max_bytes:
             self._send_own(
