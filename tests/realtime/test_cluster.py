@@ -109,6 +109,26 @@ async def live(socket: websockets.ClientConnection) -> None:
     await recv_until(socket, "pong")
 
 
+async def chat_until_tokens(
+    socket: websockets.ClientConnection, content: str, count: int
+) -> list[Frame]:
+    """Send a chat and read until `count` token frames came: those token frames."""
+    await socket.send(json.dumps({"type": "chat", "content": content}))
+    tokens: list[Frame] = []
+    async with asyncio.timeout(15):
+        while len(tokens) < count:
+            frame = json.loads(await socket.recv())
+            if frame["type"] == "token":
+                tokens.append(frame)
+    return tokens
+
+
+async def send_resume(socket: websockets.ClientConnection, message_id: str, after_seq: int) -> None:
+    await socket.send(
+        json.dumps({"type": "resume", "message_id": message_id, "after_seq": after_seq})
+    )
+
+
 def answer_text(frames: list[Frame]) -> str:
     return "".join(frame["content"] for frame in frames if frame["type"] == "token")
 
@@ -156,12 +176,7 @@ async def test_cancel_on_one_instance_stops_the_answer_running_on_the_other(
     async with httpx.AsyncClient(base_url=first.http_url, timeout=15) as http:
         token, conversation_id = await customer(cluster_settings, http)
     async with websockets.connect(socket_url(first, conversation_id, token)) as on_first:
-        await on_first.send(
-            json.dumps({"type": "chat", "content": "long [[tokens=2000 delay_ms=10]]"})
-        )
-        async with asyncio.timeout(15):
-            while json.loads(await on_first.recv())["type"] != "token":
-                pass
+        await chat_until_tokens(on_first, "long [[tokens=2000 delay_ms=10]]", 1)
         async with httpx.AsyncClient(base_url=second.http_url, timeout=15) as http:
             cancel = await http.post(
                 f"/conversations/{conversation_id}/cancel", headers=bearer(token)
@@ -182,24 +197,9 @@ async def test_a_resume_on_the_other_instance_joins_the_live_answer_without_a_ga
     async with httpx.AsyncClient(base_url=first.http_url, timeout=15) as http:
         token, conversation_id = await customer(cluster_settings, http)
     async with websockets.connect(socket_url(first, conversation_id, token)) as on_first:
-        await on_first.send(
-            json.dumps({"type": "chat", "content": "long [[tokens=300 delay_ms=5]]"})
-        )
-        seen: list[Frame] = []
-        async with asyncio.timeout(15):
-            while len([f for f in seen if f["type"] == "token"]) < 3:
-                seen.append(json.loads(await on_first.recv()))
-        tokens = [frame for frame in seen if frame["type"] == "token"]
+        tokens = await chat_until_tokens(on_first, "long [[tokens=300 delay_ms=5]]", 3)
         async with websockets.connect(socket_url(second, conversation_id, token)) as on_second:
-            await on_second.send(
-                json.dumps(
-                    {
-                        "type": "resume",
-                        "message_id": tokens[0]["message_id"],
-                        "after_seq": tokens[-1]["seq"],
-                    }
-                )
-            )
+            await send_resume(on_second, tokens[0]["message_id"], tokens[-1]["seq"])
             resumed = await recv_until(on_second, "complete")
     seqs = [frame["seq"] for frame in resumed]
     assert seqs == sorted(set(seqs))  # no frame twice
@@ -216,20 +216,10 @@ async def test_answer_of_a_killed_instance_fails_and_resumes_elsewhere(
     async with httpx.AsyncClient(base_url=first.http_url, timeout=15) as http:
         token, conversation_id = await customer(cluster_settings, http)
     async with websockets.connect(socket_url(first, conversation_id, token)) as on_first:
-        await on_first.send(
-            json.dumps({"type": "chat", "content": "long [[tokens=2000 delay_ms=20]]"})
-        )
-        seen: list[Frame] = []
-        async with asyncio.timeout(15):
-            while len([f for f in seen if f["type"] == "token"]) < 5:
-                seen.append(json.loads(await on_first.recv()))
+        tokens = await chat_until_tokens(on_first, "long [[tokens=2000 delay_ms=20]]", 5)
         first.kill()
-    tokens = [frame for frame in seen if frame["type"] == "token"]
-    message_id = tokens[0]["message_id"]
     async with websockets.connect(socket_url(second, conversation_id, token)) as on_second:
-        await on_second.send(
-            json.dumps({"type": "resume", "message_id": message_id, "after_seq": tokens[1]["seq"]})
-        )
+        await send_resume(on_second, tokens[0]["message_id"], tokens[1]["seq"])
         resumed = await recv_until(on_second, "failed", limit_s=30)
     failed = resumed[-1]
     stored = failed["message"]
