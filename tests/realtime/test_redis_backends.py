@@ -253,6 +253,19 @@ async def test_a_frame_published_once_subscribed_returns_reaches_the_subscriber(
     await asyncio.wait_for(two.broker.subscribed(conversations[0]), 0.05)
 
 
+async def test_a_subscription_redis_never_confirms_is_waited_for_a_bounded_time(
+    backends: Backends,
+) -> None:
+    """Say a confirmation is lost: the socket still opens, after the bound."""
+    subscriber = broker_of(backends)._subscriber
+    await eventually(lambda: subscriber.connected)  # connected: confirmations are waited for
+    never_subscribed = b"no-subscribe-sent"  # so no confirmation can come
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.wait_for(subscriber.subscribed(never_subscribed, within_s=0.2), 2)
+    assert loop.time() - started >= 0.2
+
+
 async def test_a_subscriber_back_right_after_the_last_one_left_waits_for_the_new_subscription(
     make_backends: BackendsFactory,
 ) -> None:
