@@ -525,7 +525,7 @@ async def test_escalation_hands_the_conversation_to_a_person(
     agent, model, engine = app_agent(app)
     customer, conversation = await start_conversation(sessionmaker)
     frames: list[Frame] = []
-    unsubscribe = engine.subscribe(conversation.id, frames.append)
+    unsubscribe = await engine.subscribe(conversation.id, frames.append)
     question = (
         "I need to change the card on file "
         '[[tool=escalate_to_human reason="Wants to change the card on file"]]'

@@ -245,7 +245,7 @@ async def test_cancelled_answers_are_charged(settings: Settings) -> None:
             if (frame.seq or 0) >= 3:
                 seen.set()
 
-        engine.subscribe(uuid.UUID(conversation_id), on_frame)
+        await engine.subscribe(uuid.UUID(conversation_id), on_frame)
         send = asyncio.create_task(
             http.post(
                 f"/conversations/{conversation_id}/messages",

@@ -62,8 +62,8 @@ class Rig:
     queue: bool
     frames: list[Frame] = field(default_factory=list)
 
-    def watch(self, conversation_id: uuid.UUID) -> None:
-        self.engine.subscribe(conversation_id, self.frames.append)
+    async def watch(self, conversation_id: uuid.UUID) -> None:
+        await self.engine.subscribe(conversation_id, self.frames.append)
 
     def finals(self) -> list[Frame]:
         return [frame for frame in self.frames if frame.is_final]
@@ -105,7 +105,7 @@ class Rig:
     async def conversation(self, owner: User) -> uuid.UUID:
         async with unit_of_work(self.sessionmaker) as session:
             conversation = await service.create_conversation(session, user=owner, title=None)
-        self.watch(conversation.id)
+        await self.watch(conversation.id)
         return conversation.id
 
     async def message(self, message_id: uuid.UUID) -> Message:
@@ -390,7 +390,7 @@ async def add_orphan(
     for seq, piece in enumerate(pieces, start=1):
         frame = token_frame(conversation_id, answer_id, "orphan-q", seq, piece)
         await rig.engine.backends.event_log.append(answer_id, frame)
-    rig.watch(conversation_id)
+    await rig.watch(conversation_id)
     return conversation_id, answer_id
 
 

@@ -10,11 +10,16 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
+from helpline.agents.chat import ChatAnswerer
+from helpline.agents.providers.fake import FakeChatModel
+from helpline.conversations.service import ConversationAnswerStore
 from helpline.core.config import Settings
 from helpline.core.redis import SOCKET_TIMEOUT_S as REDIS_SOCKET_TIMEOUT_S
 from helpline.core.redis import create_redis
 from helpline.realtime.backends import Backends
+from helpline.realtime.engine import GenerationEngine
 from helpline.realtime.frames import Frame, message_frame, token_frame
 from helpline.realtime.redis_backends import (
     RedisBroker,
@@ -285,6 +290,34 @@ async def test_a_subscriber_back_right_after_the_last_one_left_waits_for_the_new
     await eventually(lambda: len(received) == len(conversations))
     assert [f.conversation_id for f in received] == conversations
     assert left == []
+
+
+async def test_a_subscriber_cancelled_while_redis_confirms_is_not_left_listening(
+    make_backends: BackendsFactory, tmp_path: Path
+) -> None:
+    backends = await make_backends()
+    database = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'unused.db'}")
+    answerer = ChatAnswerer(FakeChatModel())
+    engine = GenerationEngine(
+        backends=backends,
+        answerer=answerer,
+        store=ConversationAnswerStore(
+            async_sessionmaker(database), queue_when_busy=False, model=answerer.model
+        ),
+        lease_s=15,
+    )
+    await eventually(lambda: broker_of(backends)._subscriber.connected)
+    conversation_id = uuid.uuid4()
+    received: list[Frame] = []
+    subscribing = asyncio.create_task(engine.subscribe(conversation_id, received.append))
+    await asyncio.sleep(0)  # listening here, waiting for Redis's confirmation
+    assert not subscribing.done()
+    assert backends.broker.local_subscriber_count(conversation_id) == 1
+    subscribing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await subscribing
+    assert backends.broker.local_subscriber_count(conversation_id) == 0
+    await database.dispose()
 
 
 async def _subscribed(redis: Redis, channel: bytes, count: int) -> bool:

@@ -223,13 +223,16 @@ class GenerationEngine:
 
     # -- subscribing and publishing ----------------------------------------------------------
 
-    def subscribe(self, conversation_id: uuid.UUID, listener: FrameListener) -> Unsubscribe:
-        return self.backends.broker.subscribe(conversation_id, listener)
-
-    async def subscribed(self, conversation_id: uuid.UUID) -> None:
-        """Return once the conversation's frames from every instance reach its subscribers
-        here (after `subscribe`): what is replayed from a log then joins the live frames."""
-        await self.backends.broker.subscribed(conversation_id)
+    async def subscribe(self, conversation_id: uuid.UUID, listener: FrameListener) -> Unsubscribe:
+        """Call `listener` for each frame of the conversation, from every instance once this
+        returns: what is replayed from a log after that joins the live frames."""
+        unsubscribe = self.backends.broker.subscribe(conversation_id, listener)
+        try:
+            await self.backends.broker.subscribed(conversation_id)
+        except BaseException:
+            unsubscribe()
+            raise
+        return unsubscribe
 
     async def publish(self, frame: Frame) -> None:
         """Send a frame that is not part of an answer (message, status, typing)."""

@@ -119,9 +119,8 @@ async def follow_answer(
         if frame.message_id == key:
             queue.put(frame)
 
-    unsubscribe = engine.subscribe(conversation_id, on_frame)
+    unsubscribe = await engine.subscribe(conversation_id, on_frame)
     try:
-        await engine.subscribed(conversation_id)
         ended_before = await replay_into(
             queue,
             engine=engine,
@@ -158,9 +157,8 @@ async def follow_reply(
             if not started.done() and frame.message_id is not None:
                 started.set_result(frame.message_id)
 
-    unsubscribe = engine.subscribe(conversation_id, on_frame)
+    unsubscribe = await engine.subscribe(conversation_id, on_frame)
     try:
-        await engine.subscribed(conversation_id)
         async with lookup_session(sessionmaker) as session:
             reply = await conversations_service.get_reply(session, question.id)
         message_id = reply.id if reply is not None else uuid.UUID(await started)

@@ -281,13 +281,12 @@ class ChatConnection:
 
     async def run(self) -> None:
         """Serve the socket until the client leaves or `request_close`; then close it."""
+        # Frames are read once every instance's frames of the conversation come here: what a
+        # `resume` replays then joins the live ones, and a `pong` tells the client so.
+        unsubscribe = await self.engine.subscribe(self.conversation_id, self._on_frame)
         metrics.WEBSOCKET_CONNECTIONS.inc()
-        unsubscribe = self.engine.subscribe(self.conversation_id, self._on_frame)
         task = asyncio.current_task()
         try:
-            # Frames are read once every instance's frames of the conversation come here: what
-            # a `resume` replays then joins the live ones, and a `pong` tells the client so.
-            await self.engine.subscribed(self.conversation_id)
             if self._close is None:
                 self._reader = task
                 try:
